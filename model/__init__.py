@@ -1,0 +1,1 @@
+"""The neural parts of rectrain, free of I/O: encoder, pooling, prompts, loss, cross-rank gather."""

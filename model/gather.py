@@ -1,0 +1,47 @@
+"""Gathering rows from every rank of a process group, with gradients routed back to their owner."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        rank, size = world(group)
+        ctx.group, ctx.rank, ctx.rows = group, rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        # Every rank's loss used every gathered row, so the gradient of a row is the sum of the
+        # gradients all ranks computed for it: all-reduce (sum), then keep this rank's slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def gather_with_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All ranks' `tensor` rows concatenated in rank order; differentiable (see backward)."""
+    if world(group)[1] == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor, group)
+
+
+def gather_no_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All ranks' `tensor` rows in rank order, for ids and other values that carry no gradient."""
+    if world(group)[1] == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world(group)[1])]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

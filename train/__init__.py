@@ -1,0 +1,1 @@
+"""Everything around the model: config, data, distributed setup, trainer, evaluation, CLI."""

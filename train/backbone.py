@@ -1,0 +1,51 @@
+"""Building the encoder: a transformers backbone (pretrained or random) with peft LoRA adapters."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModel
+
+from model.encoder import RecEncoder
+from train.config import ModelConfig
+from train.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None) -> torch.nn.Module:
+    """The base model without a head: from `name_or_path`, or random from `architecture`."""
+    dtype = DTYPES[config.dtype]
+    if config.name_or_path:
+        kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+        try:
+            return AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
+        except OSError as err:
+            raise UserError(f"model.name_or_path: cannot load {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
+    arch = dict(config.architecture)
+    model_type = arch.pop("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, vocab_size=vocab_size, pad_token_id=pad_token_id, **arch)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model.architecture: {err}") from None
+    return AutoModel.from_config(hf_config, dtype=dtype)
+
+
+def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int) -> RecEncoder:
+    """Backbone + LoRA (base weights frozen) + pooling + optional projection."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(config, vocab_size, pad_token_id)
+    present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+    missing = [m for m in config.lora.target_modules if m not in present]
+    if missing:
+        raise UserError(f"model.lora.target_modules: {', '.join(missing)} not in the backbone "
+                        f"(it has e.g. {', '.join(sorted(n for n in present if 'proj' in n or 'dense' in n)[:8])})")
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules),
+                      modules_to_save=list(config.lora.modules_to_save) or None)
+    adapted = get_peft_model(backbone, lora)
+    hidden = backbone.config.hidden_size
+    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim)
+    if encoder.projection is not None:
+        encoder.projection.to(DTYPES[config.dtype])
+    return encoder

@@ -1,0 +1,100 @@
+"""Checkpoints: `checkpoints/step-<N>/` holding the LoRA adapter (safetensors), the projection
+head, and the trainer state (optimizer, scheduler, RNG, data position).
+
+Each checkpoint is written under a temporary name and renamed when complete; the `latest`
+pointer is replaced atomically after that, so a crash at any moment leaves either the old or
+the new checkpoint reachable, never a torn one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from model.encoder import RecEncoder
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR, HEAD_FILE, STATE_FILE, LATEST = "adapter", "head.safetensors", "trainer_state.pt", "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save(run_dir: Path, step: int, encoder: RecEncoder, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step`, move `latest` to it, drop all but the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    backbone = encoder.backbone
+    assert isinstance(backbone, PeftModel)
+    backbone.save_pretrained(str(tmp / ADAPTER_DIR))
+    if encoder.projection is not None:
+        save_file({"projection.weight": encoder.projection.weight.detach().cpu().contiguous()}, str(tmp / HEAD_FILE))
+    torch.save(trainer_state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    pointer.replace(root / LATEST)
+    steps = sorted((int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit()))
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint the `latest` pointer names, if it exists and is complete."""
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def resolve(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint `resume` asks for: auto -> latest (or none), never -> none, else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest(run_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_weights(path: Path, encoder: RecEncoder) -> None:
+    """Put a checkpoint's adapter and projection into `encoder` (built with the same config)."""
+    backbone = encoder.backbone
+    assert isinstance(backbone, PeftModel)
+    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(backbone, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{path}: adapter does not match model config ({result.unexpected_keys[0]} unexpected)")
+    if encoder.projection is not None:
+        head = load_file(str(path / HEAD_FILE))
+        encoder.projection.weight.data.copy_(head["projection.weight"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, weights_only=False)

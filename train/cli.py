@@ -1,0 +1,132 @@
+"""`rectrain <prepare|train|eval> CONFIG [key.sub=value ...]` — the thin entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from train.config import Config, describe_keys, load_config
+from train.errors import UserError
+
+DESCRIPTION = """\
+rectrain fine-tunes a decoder LLM with LoRA so that a user's history, rendered as text, lands
+next to the item they choose next (in-batch InfoNCE), then ranks the whole catalog per user.
+
+Quick start (synthetic data, tiny random Llama, CPU, about two minutes):
+  rectrain train configs/debug.yaml
+
+Every command reads a YAML config; any key can be overridden after it with dotted keys:
+  rectrain train configs/debug.yaml train.max_steps=50 output_dir=runs/try
+Run `rectrain <command> --help` for what each command does and every config key.
+"""
+
+COMMANDS = {
+    "prepare": ("turn an interaction log and a catalog into training shards",
+                "Reads data.interactions and data.catalog (data.format: csv, tsv, parquet, jsonl, atomic; or\n"
+                "synthetic, which generates them), orders each user's interactions by time, holds out the\n"
+                "last item (test) and the one before it (valid), and writes data.dir: shards/*.tar\n"
+                "(WebDataset, ids only), catalog.parquet, splits/{valid,test}.parquet, manifest.json."),
+    "train": ("train an encoder, then evaluate it (prepares the data first if needed)",
+              "Prepares data.dir if it is missing or was prepared from other settings, trains LoRA\n"
+              "adapters with in-batch InfoNCE for train.max_steps, checkpoints to output_dir, then ranks\n"
+              "the full catalog for the held-out users and writes output_dir/metrics.json.\n"
+              "resume=auto continues from the newest checkpoint in output_dir."),
+    "eval": ("re-evaluate a trained run directory",
+             "Loads the newest checkpoint of output_dir (or the one `resume` names), ranks the full\n"
+             "catalog for eval.split, writes output_dir/metrics.json and prints the table."),
+}
+
+
+def _key_reference() -> str:
+    lines = ["config keys (default: meaning):"]
+    for key, default, help_text in describe_keys(Config):
+        default = default if len(default) <= 40 else default[:37] + "..."
+        lines.append(f"  {key} = {default}")
+        lines.extend(textwrap.wrap(help_text, 88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rectrain", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (summary, details) in COMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{details}",
+                                 epilog=_key_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("config", help="YAML config file (see configs/)")
+        command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    return parser
+
+
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="rectrain: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(command: str, config: Config) -> int:
+    from train import distributed
+
+    dist = distributed.from_environment(config.device)
+    _setup_logging(dist.is_main)
+    started = time.perf_counter()
+    if command == "prepare":
+        from train.prepare import prepare
+
+        manifest = prepare(config, show_progress=dist.is_main)
+        counts = manifest["counts"]
+        print(f"prepared {config.data.dir}: {counts['users']} users, {counts['items']} items, "
+              f"{counts['train_samples']} training samples in {len(manifest['shards'])} shards, "
+              f"{counts['test_users']} test users ({time.perf_counter() - started:.1f}s)")
+        return 0
+    from train.trainer import Trainer
+
+    trainer = Trainer(config, dist)
+    try:
+        if command == "train":
+            trainer.setup()
+            trainer.train()
+        else:
+            trainer.setup_data()
+            trainer.setup_model()
+            from train import checkpoint
+            from train.evaluate import format_table
+            from train.trainer import write_json_atomic
+
+            path = checkpoint.resolve(config.resume if config.resume != "never" else "auto", Path(config.output_dir))
+            if path is None:
+                raise UserError(f"output_dir: {config.output_dir} holds no checkpoint; run rectrain train first")
+            checkpoint.load_weights(path, trainer.encoder)
+            metrics = trainer.evaluate()
+            metrics["checkpoint"] = str(path)
+            write_json_atomic(Path(config.output_dir) / "metrics.json", metrics)
+            print(format_table(metrics, config.eval.k))
+    finally:
+        trainer.close()
+    if dist.is_main:
+        print(f"{command} finished in {time.perf_counter() - started:.1f}s; run directory: {config.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        config = load_config(args.config, args.overrides)
+        return run(args.command, config)
+    except UserError as err:
+        print(f"rectrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rectrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Samples of ids -> prompts -> token tensors, padded for the pooling in use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from model.prompts import render_item, render_user, template_fields
+from train.config import PromptConfig
+from train.errors import UserError
+
+
+class Catalog:
+    """Item texts by catalog index, read from `catalog.parquet` (Arrow, memory-mapped)."""
+
+    def __init__(self, path: str | Path, item_template: str) -> None:
+        self.table = pq.read_table(path, memory_map=True)
+        self.template = item_template
+        self.fields = template_fields(item_template)
+        unknown = [f for f in self.fields if f not in self.table.column_names]
+        if unknown:
+            text_fields = [c for c in self.table.column_names if c not in ("item_index", "train_count")]
+            raise UserError(f"prompt.item_template: unknown field {{{unknown[0]}}} "
+                            f"(catalog fields: {', '.join(text_fields)})")
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def texts(self, indices: Sequence[int]) -> list[str]:
+        rows = self.table.select(self.fields).take(list(indices)).to_pylist()
+        return [render_item(self.template, row) for row in rows]
+
+    def train_counts(self) -> torch.Tensor:
+        return torch.from_numpy(self.table.column("train_count").to_numpy().copy())
+
+
+def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask), padded on `side`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+class PromptEncoder:
+    """Renders and tokenizes user and item prompts; one instance serves training and evaluation."""
+
+    def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str) -> None:
+        self.catalog = catalog
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.padding_side = padding_side
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos = [tokenizer.eos_token_id] if prompt.append_eos and tokenizer.eos_token_id is not None else []
+        # Tokens of the text before {history}: kept when a long history is cut, so the
+        # instruction survives and only the oldest items go.
+        head = prompt.user_template.split("{history}", 1)[0].format(instruction=prompt.instruction)
+        self.head_tokens = len(self._ids([head])[0]) if head else 0
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def user_texts(self, histories: Sequence[Sequence[int]]) -> list[str]:
+        flat = [i for h in histories for i in h]
+        texts = iter(self.catalog.texts(flat)) if flat else iter(())
+        return [render_user(self.prompt.user_template, self.prompt.instruction,
+                            [next(texts) for _ in h], self.prompt.history_separator) for h in histories]
+
+    def user_tokens(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
+        budget = self.prompt.max_user_tokens - len(self.eos)
+        out = []
+        for ids in self._ids(self.user_texts(histories)):
+            if len(ids) > budget:
+                head = min(self.head_tokens, budget // 2)
+                ids = ids[:head] + ids[len(ids) - (budget - head):]
+            out.append(ids + self.eos)
+        return out
+
+    def item_tokens(self, item_indices: Sequence[int]) -> list[list[int]]:
+        budget = self.prompt.max_item_tokens - len(self.eos)
+        return [ids[:budget] + self.eos for ids in self._ids(self.catalog.texts(item_indices))]
+
+    def pad(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad(token_lists, self.pad_id, self.padding_side)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A training batch: user and item token tensors plus the ids the loss needs."""
+        histories = [s["history"] for s in samples]
+        user_ids, user_mask = self.pad(self.user_tokens(histories))
+        items = [s["item"] for s in samples]
+        item_ids, item_mask = self.pad(self.item_tokens(items))
+        width = max(len(h) for h in histories)
+        history = torch.full((len(samples), width), -1, dtype=torch.long)
+        for row, h in enumerate(histories):
+            history[row, :len(h)] = torch.tensor(h, dtype=torch.long)
+        return {
+            "user_input_ids": user_ids, "user_attention_mask": user_mask,
+            "item_input_ids": item_ids, "item_attention_mask": item_mask,
+            "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history,
+            "logq": torch.tensor([s.get("logq", 0.0) for s in samples], dtype=torch.float32),
+        }

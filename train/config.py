@@ -1,0 +1,364 @@
+"""Typed run configuration: dataclasses, YAML recipes and dotted command-line overrides.
+
+A YAML recipe is an instance of `Config`; every key is checked against the schema before any
+work starts, so a typo or an impossible value fails in a second with the key's name, not an
+hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.errors import UserError
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line description (shown by `--help`)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(d)) if isinstance(default, (list, dict)) else type(default)
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
+
+
+DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic")
+
+
+@dataclass
+class SyntheticConfig:
+    """Generator of a behaviour log with planted structure (used when data.format=synthetic)."""
+
+    num_users: int = doc(2000, "users to generate")
+    num_items: int = doc(400, "catalog size")
+    num_categories: int = doc(8, "item categories; each user prefers one or two of them")
+    num_brands: int = doc(10, "brands; each user also leans towards a few brands")
+    min_length: int = doc(6, "shortest user sequence")
+    max_length: int = doc(24, "longest user sequence")
+    taste_strength: float = doc(0.9, "probability that a step follows the user's tastes")
+    popularity_skew: float = doc(1.0, "Zipf exponent of item popularity")
+
+    def __post_init__(self) -> None:
+        for name in ("num_users", "num_items", "num_categories", "num_brands"):
+            _check(getattr(self, name) >= 1, f"data.synthetic.{name}", "must be >= 1")
+        _check(self.min_length >= 1, "data.synthetic.min_length", "must be >= 1")
+        _check(self.max_length >= self.min_length, "data.synthetic.max_length", "must be >= min_length")
+        _check(0.0 <= self.taste_strength <= 1.0, "data.synthetic.taste_strength", "must be in [0, 1]")
+        _check(self.popularity_skew >= 0.0, "data.synthetic.popularity_skew", "must be >= 0")
+
+
+@dataclass
+class InteractionColumns:
+    """Column names in the interaction log."""
+
+    user: str = doc("user_id", "user id column")
+    item: str = doc("item_id", "item id column")
+    timestamp: str = doc("timestamp", "time column (numeric, or ISO-8601 text)")
+
+
+@dataclass
+class CatalogColumns:
+    """Column names in the item catalog."""
+
+    item: str = doc("item_id", "item id column")
+    text: list[str] = doc(["title"], "text fields copied into catalog.parquet for the prompts")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from, how it is prepared and how it is streamed."""
+
+    dir: str = doc("data/debug", "prepared data directory (shards, catalog, splits, manifest)")
+    shards: str = doc("", "training shard URLs overriding the manifest's: paths, brace patterns, pipe: commands")
+    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole)")
+    interactions: str = doc("", "interaction log file (any format but synthetic)")
+    catalog: str = doc("", "item catalog file (any format but synthetic)")
+    columns: InteractionColumns = doc(InteractionColumns(), "interaction column names")
+    catalog_columns: CatalogColumns = doc(CatalogColumns(), "catalog column names")
+    max_history: int = doc(20, "most recent items kept as a training sample's history")
+    unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
+    shard_size: int = doc(10000, "training samples per WebDataset shard")
+    num_workers: int = doc(1, "DataLoader worker processes per rank (0 = in the main process)")
+    shuffle_buffer: int = doc(2000, "samples held in the streaming shuffle buffer")
+    synthetic: SyntheticConfig = doc(SyntheticConfig(), "synthetic generator settings")
+
+    def __post_init__(self) -> None:
+        _one_of(self.format, "data.format", DATA_FORMATS)
+        _one_of(self.unknown_items, "data.unknown_items", ("drop", "fail"))
+        if self.format != "synthetic":
+            _check(bool(self.interactions), "data.interactions", f"required when data.format={self.format}")
+            _check(bool(self.catalog), "data.catalog", f"required when data.format={self.format}")
+        _check(self.max_history >= 1, "data.max_history", "must be >= 1")
+        _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(bool(self.catalog_columns.text), "data.catalog_columns.text", "name at least one text field")
+
+
+@dataclass
+class PromptConfig:
+    """How a user's history and an item become text."""
+
+    instruction: str = doc("Given the items a user interacted with, most recent last, represent the user.",
+                           "instruction placed before the user's history")
+    user_template: str = doc("{instruction}\n{history}", "user prompt; fields: {instruction}, {history}")
+    item_template: str = doc("{title}", "item text; fields: any catalog text field, e.g. {title}")
+    history_separator: str = doc("\n", "separator between history items")
+    max_user_tokens: int = doc(256, "user prompts longer than this lose their oldest tokens")
+    max_item_tokens: int = doc(48, "item texts longer than this lose their last tokens")
+    append_eos: bool = doc(True, "end every prompt with the EOS token (the last-token pooling anchor)")
+
+    def __post_init__(self) -> None:
+        _check("{history}" in self.user_template, "prompt.user_template", "must contain {history}")
+        _check(self.max_user_tokens >= 4, "prompt.max_user_tokens", "must be >= 4")
+        _check(self.max_item_tokens >= 2, "prompt.max_item_tokens", "must be >= 2")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft)."""
+
+    r: int = doc(8, "adapter rank")
+    alpha: int = doc(16, "scaling numerator (scale = alpha / r)")
+    dropout: float = doc(0.0, "dropout on the adapter input")
+    target_modules: list[str] = doc(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    "module names that get adapters")
+    modules_to_save: list[str] = doc([], "modules trained in full besides the adapters (e.g. embed_tokens)")
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "model.lora.r", "must be >= 1")
+        _check(self.alpha >= 1, "model.lora.alpha", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "model.lora.target_modules", "name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """The encoder: backbone, adapters, pooling and projection."""
+
+    name_or_path: str = doc("", "local path or hub name of a pretrained backbone; empty = model.architecture")
+    gguf_file: str = doc("", "GGUF file inside name_or_path to load (dequantised)")
+    architecture: dict[str, Any] = doc(
+        {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024},
+        "transformers config of a randomly initialised backbone, used when name_or_path is empty")
+    tokenizer_vocab_size: int = doc(2000, "vocabulary of the tokenizer trained on the catalog for a random backbone")
+    pooling: str = doc("last", "last | mean: how token states become one vector")
+    padding_side: str = doc("left", "left | right")
+    projection_dim: int = doc(0, "size of a trained linear projection after pooling; 0 = none")
+    dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
+    lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            _check("model_type" in self.architecture, "model.architecture.model_type",
+                   "required when model.name_or_path is empty")
+        _one_of(self.pooling, "model.pooling", ("last", "mean"))
+        _one_of(self.padding_side, "model.padding_side", ("left", "right"))
+        _one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+        _check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
+        _check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = doc(100, "optimizer steps")
+    batch_size: int = doc(32, "samples per rank per step")
+    lr: float = doc(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_steps: int = doc(10, "linear warmup steps before the cosine decay")
+    grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
+    log_every: int = doc(10, "steps between rows of metrics.jsonl")
+    save_every: int = doc(0, "steps between checkpoints; 0 = only at the end")
+    eval_every: int = doc(0, "steps between validation evaluations; 0 = only at the end")
+    keep_last: int = doc(2, "checkpoints kept (older ones are deleted); 0 = keep all")
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (in-batch negatives need a batch)")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    """The contrastive objective."""
+
+    temperature: float = doc(0.05, "softmax temperature of the InfoNCE logits")
+    mask_false_negatives: bool = doc(True, "drop in-batch candidates equal to the positive or in the history")
+    logq: bool = doc(False, "subtract each candidate's log sampling probability (popularity correction)")
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "loss.temperature", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Full-catalog ranking of held-out users."""
+
+    split: str = doc("test", "valid | test")
+    k: list[int] = doc([10], "cut-offs for Recall/NDCG/MRR")
+    batch_size: int = doc(128, "prompts per encoding batch")
+    exclude_history: bool = doc(True, "remove items already in the user's history from the ranking")
+
+    def __post_init__(self) -> None:
+        _one_of(self.split, "eval.split", ("valid", "test"))
+        _check(bool(self.k) and all(k >= 1 for k in self.k), "eval.k", "must be a non-empty list of ints >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass
+class Config:
+    """A whole run. YAML recipes in configs/ are instances of this schema."""
+
+    output_dir: str = doc("runs/debug", "run directory: config, metrics, checkpoints")
+    seed: int = doc(0, "seed of data generation, shuffling and initialisation")
+    device: str = doc("auto", "auto | cpu | cuda")
+    engine: str = doc("plain", "plain (one process); ddp, accelerate and deepspeed come later")
+    resume: str = doc("auto", "auto (newest complete checkpoint, if any) | never | a checkpoint path")
+    data: DataConfig = doc(DataConfig(), "data")
+    prompt: PromptConfig = doc(PromptConfig(), "prompts")
+    model: ModelConfig = doc(ModelConfig(), "model")
+    train: TrainConfig = doc(TrainConfig(), "training loop")
+    loss: LossConfig = doc(LossConfig(), "loss")
+    eval: EvalConfig = doc(EvalConfig(), "evaluation")
+
+    def __post_init__(self) -> None:
+        _one_of(self.device, "device", ("auto", "cpu", "cuda"))
+        _one_of(self.engine, "engine", ("plain",))
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        _check(isinstance(value, list), key, f"expected a list of {_describe(inner)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and value is None:
+        return ""
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    _check(ok, key, f"expected {_describe(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise UserError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    for f in dataclasses.fields(cls):
+        # A mapping given in YAML or on the command line updates the default mapping instead
+        # of replacing it, so `model.architecture.hidden_size=128` keeps the other keys.
+        if f.name in kwargs and typing.get_origin(hints[f.name]) is dict and f.default_factory is not dataclasses.MISSING:
+            kwargs[f.name] = {**f.default_factory(), **kwargs[f.name]}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.max_steps=10` -> ("train.max_steps", 10); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"{text!r}: overrides are dotted keys, e.g. train.max_steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise UserError(f"{key}: cannot read value {raw!r} ({err.__class__.__name__})") from None
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Read a YAML recipe, apply dotted overrides, validate everything, return the Config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of config keys")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config (every key, defaults included) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    tmp.replace(path)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf key: the reference printed by `--help`."""
+    rows: list[tuple[str, str, str]] = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(type(value), prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
+    return rows

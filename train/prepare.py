@@ -1,0 +1,266 @@
+"""`rectrain prepare`: raw interactions + catalog -> WebDataset shards, catalog, splits, manifest.
+
+Per user, interactions are ordered by time (ties keep file order). Leave-one-out: the last item
+is the test target, the one before it the validation target, the rest are training; users
+with fewer than 3 interactions only train. Every training position t >= 1 of a user becomes a
+sample (history = the previous `max_history` items, target = item t). Shards carry catalog
+indices only; text is rendered at load time. Everything is written into a temporary directory
+renamed over `data.dir` at the end, so a failed prepare leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from train import readers, synthetic
+from train.config import Config
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The settings a prepared directory depends on; a different fingerprint means re-prepare."""
+    data = config.data
+    fields: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "format": data.format, "max_history": data.max_history,
+        "shard_size": data.shard_size, "seed": config.seed,
+    }
+    if data.format == "synthetic":
+        fields["synthetic"] = asdict(data.synthetic)
+    else:
+        fields.update(columns=asdict(data.columns), catalog_columns=asdict(data.catalog_columns),
+                      unknown_items=data.unknown_items,
+                      files={"interactions": _file_stamp(data.interactions), "catalog": _file_stamp(data.catalog)})
+    return fields
+
+
+def _file_stamp(path: str) -> dict[str, Any]:
+    resolved = Path(path).resolve()
+    stat = resolved.stat() if resolved.is_file() else None
+    return {"path": str(resolved), "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None}
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_prepared(config: Config) -> bool:
+    manifest = read_manifest(config.data.dir)
+    return manifest is not None and manifest.get("fingerprint") == json.loads(json.dumps(fingerprint(config)))
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _load_catalog(config: Config) -> pa.Table:
+    data = config.data
+    id_col, text_cols = data.catalog_columns.item, data.catalog_columns.text
+    table = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(text_cols)], "data.catalog")
+    if table.num_rows == 0:
+        raise UserError(f"{data.catalog}: the catalog is empty")
+    path = Path(data.catalog)
+    empty = readers.first_empty(table.column(id_col))
+    if empty is not None:
+        raise UserError(f"{readers.row_location(path, data.format, empty)}: empty {id_col!r}")
+    ids = table.column(id_col)
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        unique = pc.unique(ids)
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        row = int(np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))[1])
+        raise UserError(f"{readers.row_location(path, data.format, row)}: item {dup!r} appears twice "
+                        f"in the catalog ({len(unique)} distinct of {table.num_rows})")
+    return table.rename_columns(["item_id", *text_cols]) if id_col != "item_id" else table
+
+
+def _load_interactions(config: Config) -> tuple[pa.Table, Path]:
+    data, cols = config.data, config.data.columns
+    names = [cols.user, cols.item, cols.timestamp]
+    table = readers.read_columns(data.interactions, data.format, names, "data.interactions")
+    path = Path(data.interactions)
+    for name in (cols.user, cols.item):
+        empty = readers.first_empty(table.column(name))
+        if empty is not None:
+            raise UserError(f"{readers.row_location(path, data.format, empty)}: empty {name!r}")
+    times = readers.parse_timestamps(table.column(cols.timestamp), path, data.format, cols.timestamp)
+    return pa.table({"user_id": table.column(cols.user), "item_id": table.column(cols.item),
+                     "timestamp": pa.array(times, pa.float64())}), path
+
+
+def _sources(config: Config) -> tuple[pa.Table, pa.Table, Path | None]:
+    if config.data.format == "synthetic":
+        interactions, catalog = synthetic.generate(config.data.synthetic, config.seed)
+        return interactions.set_column(2, "timestamp", pc.cast(interactions["timestamp"], pa.float64())), catalog, None
+    catalog = _load_catalog(config)
+    interactions, path = _load_interactions(config)
+    return interactions, catalog, path
+
+
+# -------------------------------------------------------------------------- splitting
+
+def _sequences(interactions: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Sort by (user, time, file order); return user ids, their run starts and the item column."""
+    interactions = interactions.append_column("row", pa.array(np.arange(interactions.num_rows)))
+    ordered = interactions.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("row", "ascending")])
+    users = ordered.column("user_id").combine_chunks()
+    codes = users.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
+    items = ordered.column("item_index").to_numpy(zero_copy_only=False).astype(np.int64)
+    return users.take(pa.array(starts)), np.r_[starts, len(codes)], items
+
+
+def _sample_bytes(user: int, history: np.ndarray, item: int, logq: float) -> bytes:
+    return json.dumps({"user": user, "history": history.tolist(), "item": item, "logq": round(logq, 6)},
+                      separators=(",", ":")).encode()
+
+
+def _write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, payload in samples:
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(payload)
+            info.mtime = 0  # fixed, so the same data gives byte-identical shards
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
+    """Prepare `config.data` into `config.data.dir`; return the manifest."""
+    started = time.perf_counter()
+    data = config.data
+    interactions, catalog, inter_path = _sources(config)
+    catalog_ids = catalog.column("item_id").combine_chunks()
+    item_index = pc.index_in(interactions.column("item_id"), value_set=catalog_ids)
+    unknown = pc.is_null(item_index)
+    n_unknown = int(pc.sum(unknown).as_py() or 0)
+    if n_unknown:
+        if data.unknown_items == "fail" or n_unknown == interactions.num_rows:
+            row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
+            where = readers.row_location(inter_path, data.format, row) if inter_path else "interactions"
+            what = "no interaction's item is in the catalog" if n_unknown == interactions.num_rows else \
+                "item not in the catalog (data.unknown_items=drop skips such rows)"
+            raise UserError(f"{where}: {what}: {interactions.column('item_id')[row].as_py()!r}")
+        log.warning("dropped %d interactions whose item is not in the catalog", n_unknown)
+    interactions = interactions.append_column("item_index", item_index).filter(pc.invert(unknown))
+
+    user_ids, bounds, items = _sequences(interactions)
+    n_items = catalog.num_rows
+    train_counts = np.zeros(n_items, np.int64)
+    target_counts = np.zeros(n_items, np.int64)
+    split_rows: dict[str, dict[str, list[Any]]] = {
+        s: {"user_index": [], "user_id": [], "history": [], "target": []} for s in ("valid", "test")}
+    positions: list[tuple[int, int, int]] = []  # (user, first index of its sequence, t)
+    for user in range(len(user_ids)):
+        seq = items[bounds[user]:bounds[user + 1]]
+        n_train = len(seq) - 2 if len(seq) >= 3 else len(seq)
+        np.add.at(train_counts, seq[:n_train], 1)
+        np.add.at(target_counts, seq[1:n_train], 1)
+        positions.extend((user, int(bounds[user]), t) for t in range(1, n_train))
+        if len(seq) >= 3:
+            for split, cut in (("valid", len(seq) - 2), ("test", len(seq) - 1)):
+                rows = split_rows[split]
+                rows["user_index"].append(user)
+                rows["user_id"].append(user_ids[user].as_py())
+                rows["history"].append(seq[:cut].tolist())
+                rows["target"].append(int(seq[cut]))
+    if not positions:
+        raise UserError(f"{data.interactions or 'data'}: no user has two training interactions; nothing to train on")
+
+    # Sampling log-probability of each item as a positive: its share of training targets.
+    # Items never seen as a target get the share of one count (no -inf in the loss).
+    logq = np.log(np.maximum(target_counts, 1) / len(positions))
+    order = np.random.default_rng(config.seed).permutation(len(positions))
+
+    out_dir = Path(data.dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    (tmp_dir / "shards").mkdir(parents=True)
+    (tmp_dir / "splits").mkdir()
+    try:
+        shards = _write_shards(tmp_dir / "shards", order, positions, items, logq, data.shard_size,
+                               data.max_history, show_progress)
+        catalog = catalog.append_column("train_count", pa.array(train_counts))
+        catalog = pa.table({"item_index": pa.array(np.arange(n_items, dtype=np.int64)), **{
+            name: catalog.column(name) for name in catalog.column_names}})
+        pq.write_table(catalog, tmp_dir / "catalog.parquet")
+        for split, rows in split_rows.items():
+            pq.write_table(pa.table({"user_index": pa.array(rows["user_index"], pa.int64()),
+                                     "user_id": pa.array(rows["user_id"], pa.string()),
+                                     "history": pa.array(rows["history"], pa.list_(pa.int64())),
+                                     "target": pa.array(rows["target"], pa.int64())}),
+                           tmp_dir / "splits" / f"{split}.parquet")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": fingerprint(config),
+            "counts": {"users": len(user_ids), "items": n_items, "interactions": int(len(items)),
+                       "dropped_unknown_items": n_unknown, "train_samples": len(positions),
+                       "valid_users": len(split_rows["valid"]["target"]), "test_users": len(split_rows["test"]["target"])},
+            "text_fields": [c for c in catalog.column_names if c not in ("item_index", "item_id", "train_count")],
+            "shards": shards,
+            "files": {p.relative_to(tmp_dir).as_posix(): _sha256(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+        tmp_dir.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log.info("prepared %s: %d users, %d items, %d training samples in %d shards (%.1fs)", out_dir,
+             manifest["counts"]["users"], n_items, len(positions), len(shards), manifest["seconds"])
+    return manifest
+
+
+def _write_shards(shard_dir: Path, order: np.ndarray, positions: list[tuple[int, int, int]], items: np.ndarray,
+                  logq: np.ndarray, shard_size: int, max_history: int, show_progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    shards = []
+    bar = tqdm(total=len(order), desc="prepare", unit="sample", disable=not show_progress, leave=False)
+    for shard, begin in enumerate(range(0, len(order), shard_size)):
+        samples = []
+        for index in order[begin:begin + shard_size]:
+            user, start, t = positions[index]
+            history = items[max(start, start + t - max_history):start + t]
+            item = int(items[start + t])
+            samples.append((f"u{user:09d}t{t:06d}", _sample_bytes(user, history, item, float(logq[item]))))
+        name = f"train-{shard:06d}.tar"
+        _write_shard(shard_dir / name, samples)
+        shards.append({"name": f"shards/{name}", "samples": len(samples)})
+        bar.update(len(samples))
+    bar.close()
+    return shards

@@ -1,0 +1,121 @@
+"""Streaming training batches from WebDataset shards.
+
+shard list -> split over ranks and workers -> read tar -> shuffle buffer -> batch -> collate.
+
+Training runs by steps, not epochs: the stream repeats epochs forever (each with its own
+seeded shard order), so every rank yields exactly as many batches as it is asked for and no
+rank waits on another that ran dry (the classic webdataset DDP hang). Within one epoch every
+sample reaches exactly one (rank, worker) consumer: by whole shards when there are at least as
+many shards as consumers, else by sample index, so small data is never silently duplicated
+or dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from itertools import count
+from typing import Any
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a list, a brace pattern (`train-{000000..000009}.tar`) or `::`-joined
+    patterns; `pipe:` commands (e.g. `pipe:aws s3 cp s3://b/train-000000.tar -`) pass through."""
+    specs = spec.split("::") if isinstance(spec, str) else list(spec)
+    return [url for s in specs for url in braceexpand.braceexpand(s)]
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, as dicts with `user`, `history`, `item`, `logq` and `__key__`."""
+    for raw in wds.tarfile_samples([{"url": url}]):
+        sample = json.loads(raw["json"])
+        sample["__key__"] = raw["__key__"]
+        yield sample
+
+
+def shuffle_buffer(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Reservoir-style shuffle: hold `size` samples, emit a random one as each new one arrives."""
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TrainStream(IterableDataset):
+    """Batches for one rank; each DataLoader worker produces whole batches of its own samples."""
+
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any],
+                 seed: int = 0, shuffle_buffer_size: int = 1000, epochs: int | None = None, drop_last: bool = True,
+                 skip_batches: int = 0) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("no training shards")
+        self.urls = urls
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed = seed
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.epochs = epochs
+        self.drop_last = drop_last
+        self.skip_batches = skip_batches
+
+    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
+        consumers = self.world_size * num_workers
+        consumer = self.rank * num_workers + worker
+        urls = list(self.urls)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # same order on every rank
+        if len(urls) >= consumers:
+            stream: Iterator[dict[str, Any]] = (s for url in urls[consumer::consumers] for s in read_shard(url))
+        else:
+            stream = (s for n, s in enumerate(s for url in urls for s in read_shard(url)) if n % consumers == consumer)
+        rng = random.Random(hash((self.seed, epoch, consumer)))
+        return shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[list[dict[str, Any]]]:
+        epochs = range(self.epochs) if self.epochs is not None else count()
+        for epoch in epochs:
+            batch: list[dict[str, Any]] = []
+            produced = 0
+            for sample in self.samples(epoch, worker, num_workers):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    produced += 1
+                    batch = []
+            if batch and not self.drop_last:
+                yield batch
+            elif produced == 0 and self.epochs is None:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: an epoch holds fewer than "
+                                   f"train.batch_size={self.batch_size} samples; lower the batch size or data.num_workers")
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes batches from its workers in turn, so the first `skip_batches`
+        # batches of the rank include ceil((skip - worker) / num_workers) of this worker's.
+        skip = max(0, -(-(self.skip_batches - worker) // num_workers))
+        for n, batch in enumerate(self._batches(worker, num_workers)):
+            if n >= skip:
+                yield self.collate(batch)
+
+
+def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)
