@@ -22,10 +22,6 @@ class RecEncoder(nn.Module):
         self.pool = POOLERS[pooling]
         self.projection = nn.Linear(hidden_size, projection_dim, bias=False) if projection_dim else None
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.projection.out_features if self.projection is not None else -1
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False)

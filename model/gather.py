@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -45,3 +46,14 @@ def gather_no_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     parts = [torch.empty_like(tensor) for _ in range(world(group)[1])]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+def gather_padded(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, pad: int = -1) -> torch.Tensor:
+    """All ranks' 2-D `tensor` rows in rank order, padded with `pad` to the widest rank's width
+    (ranks' history widths differ); no gradient."""
+    if world(group)[1] == 1:
+        return tensor
+    width = torch.tensor([tensor.shape[1]], device=tensor.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+    padded = F.pad(tensor, (0, int(width) - tensor.shape[1]), value=pad)
+    return gather_no_grad(padded, group)

@@ -1,12 +1,26 @@
-"""In-batch contrastive loss over the global batch (the contract in DESIGN.md)."""
+"""Losses over the global batch (the contract in DESIGN.md).
+
+Every loss scores the local users against the items of *all* ranks (gathered in rank order,
+gradients routed back to the owner) and returns the mean over local rows.
+
+Why no world-size factor anywhere: each rank's loss is the mean over its B rows, so the mean
+of the ranks' losses is the one-process mean over the global batch. The gather's backward sums
+the gradients every rank computed for a row into the rank that owns it, and the engine's
+gradient averaging then divides that sum by the world size exactly once: every parameter ends
+with the one-process gradient. (Multiplying the loss by the world size, as some trainers do,
+is only right when the gather drops the gradients other ranks computed.)
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from model.gather import gather_no_grad, gather_with_grad, world
+from model.gather import gather_no_grad, gather_padded, gather_with_grad, world
+
+LOSS_KINDS = ("infonce", "symmetric", "triplet", "pairwise")
 
 
 def false_negative_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor, positive_column: torch.Tensor,
@@ -19,36 +33,146 @@ def false_negative_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor, pos
     """
     same = candidate_ids.unsqueeze(0) == item_ids.unsqueeze(1)
     if history_ids is not None and history_ids.numel():
-        in_history = (candidate_ids.view(1, -1, 1) == history_ids.unsqueeze(1)).any(dim=-1)
-        same = same | in_history
-    own = torch.zeros_like(same)
-    own[torch.arange(len(item_ids), device=own.device), positive_column] = True
-    return same & ~own
+        same = same | (candidate_ids.view(1, -1, 1) == history_ids.unsqueeze(1)).any(dim=-1)
+    return same & ~_own(same, positive_column)
+
+
+def _own(like: torch.Tensor, positive_column: torch.Tensor) -> torch.Tensor:
+    own = torch.zeros_like(like, dtype=torch.bool)
+    own[torch.arange(len(positive_column), device=own.device), positive_column] = True
+    return own
+
+
+def candidate_scores(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
+                     history_ids: torch.Tensor | None = None, mask_false_negatives: bool = True,
+                     group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(similarities [B, C], positive column [B], removed [B, C]) of local users against the global batch."""
+    rank, _ = world(group)
+    rows = query.shape[0]
+    candidates = gather_with_grad(item, group)
+    candidate_ids = gather_no_grad(item_ids, group)
+    positive_column = rank * rows + torch.arange(rows, device=query.device)
+    if mask_false_negatives:
+        removed = false_negative_mask(item_ids, candidate_ids, positive_column, history_ids)
+    else:
+        removed = torch.zeros(rows, candidates.shape[0], dtype=torch.bool, device=query.device)
+    return query @ candidates.T, positive_column, removed
+
+
+def _masked(logits: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(removed, torch.finfo(logits.dtype).min)
 
 
 def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, temperature: float | torch.Tensor,
                      history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
                      mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """InfoNCE of each local user against every item of the global batch.
-
-    Returns the mean over local rows. Why no world-size factor: every rank's loss is the mean
-    over its B rows, so the mean of the ranks' losses is the one-process mean over the global
-    batch; the gather's backward sums the gradients all ranks computed for a row into its
-    owner, and the engine's gradient averaging over ranks then divides that sum by the world
-    size exactly once, giving the one-process gradient. (Multiplying the loss by the world
-    size, as some trainers do, is only right when the gather drops gradients of other ranks.)
-    """
-    rank, _ = world(group)
-    rows = query.shape[0]
-    candidates = gather_with_grad(item, group)
-    candidate_ids = gather_no_grad(item_ids, group)
-    logits = query @ candidates.T / temperature
+    """InfoNCE of each local user against every item of the global batch (mean over local rows)."""
+    scores, positive_column, removed = candidate_scores(query, item, item_ids, history_ids=history_ids,
+                                                        mask_false_negatives=mask_false_negatives, group=group)
+    logits = scores / temperature
     if logq is not None:
         # Popular items are over-represented as in-batch negatives; subtracting log q_j turns
         # the sampled softmax into an estimate of the full-catalog softmax.
         logits = logits - gather_no_grad(logq.to(logits.dtype), group).unsqueeze(0)
-    positive_column = rank * rows + torch.arange(rows, device=query.device)
+    return F.cross_entropy(_masked(logits, removed), positive_column)
+
+
+def symmetric_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, temperature: float | torch.Tensor,
+                   history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
+                   mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Half user->item InfoNCE, half item->user InfoNCE (each local item against all users).
+
+    In the item->user direction, user u is a false negative of item j when u's positive is
+    also j, or j is in u's history: u chose j too.
+    """
+    forward = contrastive_loss(query, item, item_ids, temperature=temperature, history_ids=history_ids, logq=logq,
+                               mask_false_negatives=mask_false_negatives, group=group)
+    rank, _ = world(group)
+    rows = item.shape[0]
+    users = gather_with_grad(query, group)
+    own_user = rank * rows + torch.arange(rows, device=item.device)
+    logits = item @ users.T / temperature
     if mask_false_negatives:
-        masked = false_negative_mask(item_ids, candidate_ids, positive_column, history_ids)
-        logits = logits.masked_fill(masked, torch.finfo(logits.dtype).min)
-    return F.cross_entropy(logits, positive_column)
+        user_positive = gather_no_grad(item_ids, group)
+        chose = user_positive.unsqueeze(0) == item_ids.unsqueeze(1)
+        if history_ids is not None and history_ids.numel():
+            user_history = gather_padded(history_ids, group, pad=-1)
+            chose = chose | (user_history.unsqueeze(0) == item_ids.view(-1, 1, 1)).any(dim=-1)
+        logits = _masked(logits, chose & ~_own(chose, own_user))
+    backward = F.cross_entropy(logits, own_user)
+    return (forward + backward) / 2
+
+
+def _valid_negatives(removed: torch.Tensor, positive_column: torch.Tensor) -> torch.Tensor:
+    return ~removed & ~_own(removed, positive_column)
+
+
+def triplet_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, margin: float = 0.2,
+                 negative: str = "hardest", seed: int = 0, history_ids: torch.Tensor | None = None,
+                 mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """max(0, margin - s(u, i+) + s(u, i-)) on cosine similarities, one in-batch negative per user.
+
+    `negative`: "hardest" (the most similar unmasked item) or "random" (uniform among the
+    unmasked). The random draw is made for the whole global batch from `seed` on every rank
+    and each rank takes its own rows, so it is the draw one process would make.
+    """
+    scores, positive_column, removed = candidate_scores(query, item, item_ids, history_ids=history_ids,
+                                                        mask_false_negatives=mask_false_negatives, group=group)
+    valid = _valid_negatives(removed, positive_column)
+    if negative == "hardest":
+        choice = _masked(scores.detach(), ~valid).argmax(dim=1)
+    elif negative == "random":
+        rank, size = world(group)
+        rows = query.shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        draws = torch.rand(size * rows, scores.shape[1], generator=generator)[rank * rows:(rank + 1) * rows]
+        choice = draws.to(scores.device).masked_fill(~valid, -1.0).argmax(dim=1)
+    else:
+        raise ValueError(f"triplet negative must be hardest or random, not {negative!r}")
+    rows_index = torch.arange(len(choice), device=scores.device)
+    positive = scores[rows_index, positive_column]
+    hinge = F.relu(margin - positive + scores[rows_index, choice])
+    return torch.where(valid.any(dim=1), hinge, torch.zeros_like(hinge)).mean()
+
+
+def pairwise_softmax_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
+                          temperature: float | torch.Tensor, history_ids: torch.Tensor | None = None,
+                          mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """-log(e^{s+} / (e^{s+} + e^{s-})) = softplus(s- - s+), averaged over every unmasked
+    in-batch negative of a user, then over users (s = similarity / temperature)."""
+    scores, positive_column, removed = candidate_scores(query, item, item_ids, history_ids=history_ids,
+                                                        mask_false_negatives=mask_false_negatives, group=group)
+    logits = scores / temperature
+    valid = _valid_negatives(removed, positive_column)
+    positive = logits[torch.arange(len(positive_column), device=logits.device), positive_column]
+    pair = F.softplus(logits - positive.unsqueeze(1)) * valid
+    per_user = pair.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    return per_user.mean()
+
+
+def user_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, *, temperature: float | torch.Tensor,
+                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """CL4SRec's user-user term: two augmented views of one history attract, other users' views
+    (from every rank) repel. Symmetric, mean over local rows."""
+    rank, _ = world(group)
+    rows = view_a.shape[0]
+    target = rank * rows + torch.arange(rows, device=view_a.device)
+    a_to_b = F.cross_entropy(view_a @ gather_with_grad(view_b, group).T / temperature, target)
+    b_to_a = F.cross_entropy(view_b @ gather_with_grad(view_a, group).T / temperature, target)
+    return (a_to_b + b_to_a) / 2
+
+
+class Temperature(nn.Module):
+    """A softmax temperature, fixed or learned.
+
+    Learned, it is parametrised by its logarithm (positive, scale-free steps) and clamped to
+    [minimum, maximum] in the forward pass, so a runaway value cannot blow up the logits.
+    """
+
+    def __init__(self, initial: float, learnable: bool = False, minimum: float = 0.01, maximum: float = 1.0) -> None:
+        super().__init__()
+        self.minimum, self.maximum = minimum, maximum
+        self.log_value = nn.Parameter(torch.tensor(float(initial)).log(), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_value.exp().clamp(self.minimum, self.maximum)

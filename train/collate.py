@@ -6,12 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import random
+import zlib
+
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from model.augment import MASKED, augment
 from model.prompts import render_item, render_user, template_fields
-from train.config import PromptConfig
+from train.config import AugmentConfig, PromptConfig
 from train.errors import UserError
 
 
@@ -54,8 +58,11 @@ def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
 class PromptEncoder:
     """Renders and tokenizes user and item prompts; one instance serves training and evaluation."""
 
-    def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str) -> None:
+    def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str,
+                 views: AugmentConfig | None = None, seed: int = 0) -> None:
         self.catalog = catalog
+        self.views = views
+        self.seed = seed
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.padding_side = padding_side
@@ -70,10 +77,11 @@ class PromptEncoder:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def user_texts(self, histories: Sequence[Sequence[int]]) -> list[str]:
-        flat = [i for h in histories for i in h]
+        flat = [i for h in histories for i in h if i != MASKED]
         texts = iter(self.catalog.texts(flat)) if flat else iter(())
         return [render_user(self.prompt.user_template, self.prompt.instruction,
-                            [next(texts) for _ in h], self.prompt.history_separator) for h in histories]
+                            [self.prompt.mask_text if i == MASKED else next(texts) for i in h],
+                            self.prompt.history_separator) for h in histories]
 
     def user_tokens(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
         budget = self.prompt.max_user_tokens - len(self.eos)
@@ -102,9 +110,18 @@ class PromptEncoder:
         history = torch.full((len(samples), width), -1, dtype=torch.long)
         for row, h in enumerate(histories):
             history[row, :len(h)] = torch.tensor(h, dtype=torch.long)
-        return {
+        batch = {
             "user_input_ids": user_ids, "user_attention_mask": user_mask,
             "item_input_ids": item_ids, "item_attention_mask": item_mask,
             "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history,
             "logq": torch.tensor([s.get("logq", 0.0) for s in samples], dtype=torch.float32),
         }
+        if self.views is not None:
+            # Seeded by the samples themselves: the same batch gets the same views whichever
+            # worker builds it, so a resumed run replays them exactly.
+            keys = "".join(str(s.get("__key__", s["item"])) for s in samples)
+            rng = random.Random(zlib.crc32(keys.encode()) ^ self.seed)
+            for name in ("view_a", "view_b"):
+                views = [augment(list(h), rng, self.views.crop, self.views.mask, self.views.reorder) for h in histories]
+                batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = self.pad(self.user_tokens(views))
+        return batch

@@ -8,6 +8,7 @@ hour into a run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class PromptConfig:
     max_user_tokens: int = doc(256, "user prompts longer than this lose their oldest tokens")
     max_item_tokens: int = doc(48, "item texts longer than this lose their last tokens")
     append_eos: bool = doc(True, "end every prompt with the EOS token (the last-token pooling anchor)")
+    mask_text: str = doc("[masked]", "text of a history item hidden by the mask augmentation")
 
     def __post_init__(self) -> None:
         _check("{history}" in self.user_template, "prompt.user_template", "must contain {history}")
@@ -165,7 +167,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
-            _check("model_type" in self.architecture, "model.architecture.model_type",
+            _check(bool(self.architecture.get("model_type")), "model.architecture.model_type",
                    "required when model.name_or_path is empty")
         _one_of(self.pooling, "model.pooling", ("last", "mean"))
         _one_of(self.padding_side, "model.padding_side", ("left", "right"))
@@ -203,15 +205,44 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """CL4SRec-style history augmentations for the user-user term (each view picks one)."""
+
+    crop: float = doc(0.6, "crop: keep a random contiguous run of this share of the history")
+    mask: float = doc(0.3, "mask: replace this share of the history's items with prompt.mask_text")
+    reorder: float = doc(0.3, "reorder: shuffle a random run of this share of the history")
+
+    def __post_init__(self) -> None:
+        for name in ("crop", "mask", "reorder"):
+            _check(0.0 < getattr(self, name) <= 1.0, f"loss.augment.{name}", "must be in (0, 1]")
+
+
+@dataclass
 class LossConfig:
     """The contrastive objective."""
 
-    temperature: float = doc(0.05, "softmax temperature of the InfoNCE logits")
+    kind: str = doc("infonce", "infonce | symmetric (adds item->user) | triplet | pairwise (softmax over pairs)")
+    temperature: float = doc(0.05, "softmax temperature (initial value when learned)")
+    learn_temperature: bool = doc(False, "learn the temperature (log-parametrised, clamped to the range below)")
+    temperature_min: float = doc(0.01, "lower clamp of a learned temperature")
+    temperature_max: float = doc(1.0, "upper clamp of a learned temperature")
     mask_false_negatives: bool = doc(True, "drop in-batch candidates equal to the positive or in the history")
-    logq: bool = doc(False, "subtract each candidate's log sampling probability (popularity correction)")
+    logq: bool = doc(False, "subtract each candidate's log sampling probability (popularity correction; infonce, symmetric)")
+    triplet_margin: float = doc(0.2, "triplet: margin on cosine similarities")
+    triplet_negative: str = doc("hardest", "triplet: hardest | random unmasked in-batch negative")
+    user_cl_weight: float = doc(0.0, "weight of the user-user contrastive term between two augmented views; 0 = off")
+    augment: AugmentConfig = doc(AugmentConfig(), "augmentations of the user-user term")
 
     def __post_init__(self) -> None:
+        _one_of(self.kind, "loss.kind", ("infonce", "symmetric", "triplet", "pairwise"))
+        _one_of(self.triplet_negative, "loss.triplet_negative", ("hardest", "random"))
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
+        _check(0 < self.temperature_min <= self.temperature <= self.temperature_max, "loss.temperature_min",
+               "need 0 < temperature_min <= temperature <= temperature_max")
+        _check(self.triplet_margin >= 0, "loss.triplet_margin", "must be >= 0")
+        _check(self.user_cl_weight >= 0, "loss.user_cl_weight", "must be >= 0")
+        _check(not (self.logq and self.kind in ("triplet", "pairwise")), "loss.logq",
+               f"applies to infonce and symmetric, not {self.kind}")
 
 
 @dataclass
@@ -273,8 +304,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        # YAML 1.1 reads exponent notation without a dot (lr: 1e-4) as a string.
+        return float(value)
     if tp is str and value is None:
         return ""
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `data.dir=2024` is a directory name, not a number
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     _check(ok, key, f"expected {_describe(tp)}, got {value!r}")
     return value

@@ -100,7 +100,7 @@ def _load_interactions(config: Config) -> tuple[pa.Table, Path]:
     names = [cols.user, cols.item, cols.timestamp]
     table = readers.read_columns(data.interactions, data.format, names, "data.interactions")
     path = Path(data.interactions)
-    for name in (cols.user, cols.item):
+    for name in (cols.user, cols.item, cols.timestamp):  # a null time would sort silently as NaN
         empty = readers.first_empty(table.column(name))
         if empty is not None:
             raise UserError(f"{readers.row_location(path, data.format, empty)}: empty {name!r}")

@@ -18,12 +18,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[
     """
     scores = scores.float().clone()
     rows = torch.arange(len(targets), device=scores.device)
+    target_scores = scores[rows, targets]  # read before exclusion, which may hit the target too
     if exclude is not None:
         user_rows = [u for u, items in enumerate(exclude) for _ in items]
         if user_rows:
             items = torch.tensor([i for items in exclude for i in items], device=scores.device)
             scores[torch.tensor(user_rows, device=scores.device), items] = float("-inf")
-    target_scores = scores[rows, targets]
     scores[rows, targets] = target_scores  # restore a target that was also in the history
     index = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores > target_scores[:, None]) | ((scores == target_scores[:, None]) & (index[None, :] < targets[:, None]))

@@ -97,11 +97,15 @@ def parse_timestamps(column: pa.ChunkedArray, path: Path, fmt: str, name: str) -
         return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
-    try:
-        stamps = pc.cast(column, pa.timestamp("us"))
-        return pc.cast(stamps, pa.int64()).to_numpy(zero_copy_only=False) / 1e6
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+    # Naive times first, then times with a zone offset ("Z", "+02:00"), which Arrow parses only
+    # into a zoned type; nanoseconds for the text of native nanosecond columns (e.g. Parquet).
+    for stamp_type, per_second in ((pa.timestamp("us"), 1e6), (pa.timestamp("ns"), 1e9),
+                                   (pa.timestamp("us", tz="UTC"), 1e6), (pa.timestamp("ns", tz="UTC"), 1e9)):
+        try:
+            stamps = pc.cast(column, stamp_type)
+            return pc.cast(stamps, pa.int64()).to_numpy(zero_copy_only=False) / per_second
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
     for row, value in enumerate(column.to_pylist()):
         try:
             float(value)

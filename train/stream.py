@@ -110,8 +110,12 @@ class TrainStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # The DataLoader takes batches from its workers in turn, so the first `skip_batches`
         # batches of the rank include ceil((skip - worker) / num_workers) of this worker's.
-        skip = max(0, -(-(self.skip_batches - worker) // num_workers))
-        for n, batch in enumerate(self._batches(worker, num_workers)):
+        # A resumed loader starts again at worker 0, while the uninterrupted one would go on
+        # with worker skip % num_workers: so worker w takes over the samples of consumer
+        # (w + skip) % num_workers, and batches come out in the uninterrupted order.
+        role = (worker + self.skip_batches) % num_workers
+        skip = max(0, -(-(self.skip_batches - role) // num_workers))
+        for n, batch in enumerate(self._batches(role, num_workers)):
             if n >= skip:
                 yield self.collate(batch)
 

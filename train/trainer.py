@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from model.encoder import RecEncoder
-from model.loss import contrastive_loss
+from model.objective import Objective
 from train import checkpoint, prepare
 from train.backbone import build_encoder
 from train.collate import Catalog, PromptEncoder
@@ -46,6 +46,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
+        self.group = None  # the process group of the loss's gather; None = the default group
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
@@ -63,12 +64,18 @@ class Trainer:
         if not config.model.name_or_path:
             corpus = self.catalog.texts(range(len(self.catalog))) + [config.prompt.instruction, config.prompt.user_template]
         self.tokenizer = load_or_build(config.model, self.run_dir / "tokenizer", corpus)
-        self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side)
+        views = config.loss.augment if config.loss.user_cl_weight > 0 else None
+        self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
+                                     views=views, seed=config.seed)
 
     def setup_model(self) -> None:
         config = self.config
         self.encoder: RecEncoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id,
                                                  config.seed).to(self.dist.device)
+        lc = config.loss
+        self.objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
+                                   lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative,
+                                   lc.user_cl_weight).to(self.dist.device)
 
     def setup(self) -> None:
         """Everything before the first step: data, tokenizer, model, optimizer, resume."""
@@ -78,7 +85,7 @@ class Trainer:
         self.setup_model()
         if self.dist.is_main:
             save_config(config, self.run_dir / "config.yaml")
-        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
+        trainable = [p for p in [*self.encoder.parameters(), *self.objective.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.train.warmup_steps, config.train.max_steps)
         resume_from = checkpoint.resolve(config.resume, self.run_dir)
@@ -96,26 +103,27 @@ class Trainer:
                  100 * n_trainable / n_total, self.dist.device)
 
     # ------------------------------------------------------------------ steps
-    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """User and item embeddings of a batch, with their autograd graphs."""
-        query = self.encoder(batch["user_input_ids"], batch["user_attention_mask"])
-        item = self.encoder(batch["item_input_ids"], batch["item_attention_mask"])
-        return query, item
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
+        out = {"query": self.encoder(batch["user_input_ids"], batch["user_attention_mask"]),
+               "item": self.encoder(batch["item_input_ids"], batch["item_attention_mask"])}
+        for view in ("view_a", "view_b"):
+            if f"{view}_input_ids" in batch:
+                out[view] = self.encoder(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"])
+        return out
 
-    def loss(self, query: torch.Tensor, item: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.config.loss
-        return contrastive_loss(query, item, batch["item_ids"], temperature=cfg.temperature,
-                                history_ids=batch["history_ids"], logq=batch["logq"] if cfg.logq else None,
-                                mask_false_negatives=cfg.mask_false_negatives)
+    def loss(self, embeddings: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        views = (embeddings["view_a"], embeddings["view_b"]) if "view_a" in embeddings else None
+        return self.objective(embeddings["query"], embeddings["item"], batch["item_ids"], history_ids=batch["history_ids"],
+                              logq=batch["logq"], views=views, group=self.group)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on one batch; returns the loss."""
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-        query, item = self.embed(batch)
-        loss = self.loss(query, item, batch)
+        loss = self.loss(self.embed(batch), batch)
         loss.backward()
         if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +151,7 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": self.step, "loss": round(window_loss / window_steps, 6),
-                       "lr": self.scheduler.get_last_lr()[0],
+                       "lr": self.scheduler.get_last_lr()[0], "temperature": round(float(self.objective.temperature()), 5),
                        "samples_per_s": round(window_samples / elapsed, 2), "tokens_per_s": round(window_tokens / elapsed, 1)}
                 if main:
                     with metrics_path.open("a") as handle:
@@ -173,7 +181,8 @@ class Trainer:
                         show_progress and self.dist.is_main)
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "batches_consumed": self.batches_consumed, "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step, "batches_consumed": self.batches_consumed, "objective": self.objective.state_dict(),
+                "objective_calls": self.objective.calls, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
 
     def save(self) -> Path | None:
@@ -186,6 +195,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         checkpoint.load_weights(path, self.encoder)
         state = checkpoint.load_state(path)
+        self.objective.load_state_dict(state["objective"])
+        self.objective.calls = state["objective_calls"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])

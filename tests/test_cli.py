@@ -1,0 +1,107 @@
+"""End to end through the real console entry point: train, eval, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = """\
+output_dir: {run}
+seed: 3
+resume: auto
+data:
+  dir: {data}
+  format: synthetic
+  max_history: 5
+  num_workers: {workers}
+  shuffle_buffer: 100
+  synthetic: {{num_users: 120, num_items: 40, num_categories: 4, num_brands: 4, min_length: 4, max_length: 8}}
+prompt: {{max_user_tokens: 64, max_item_tokens: 12}}
+model:
+  architecture: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+                 num_attention_heads: 2, num_key_value_heads: 2}}
+  tokenizer_vocab_size: 300
+  projection_dim: 16
+train: {{max_steps: 8, batch_size: 8, log_every: 1, save_every: 4, warmup_steps: 2}}
+"""
+
+
+def rectrain(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write_config(tmp_path: Path, name: str, workers: int = 0) -> Path:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(TINY.format(run=tmp_path / name, data=tmp_path / "data", workers=workers))
+    return config
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def test_train_then_eval_leaves_the_run_directory(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "run", workers=1)
+    done = rectrain("train", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "popularity" in done.stdout and "recall@10" in done.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["users"] == 120
+    for key in ("recall@10", "ndcg@10", "mrr@10"):
+        assert 0.0 <= metrics[key] <= 1.0 and 0.0 <= metrics["popularity"][key] <= 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all({"loss", "lr", "samples_per_s", "tokens_per_s", "temperature"} <= set(r) for r in rows)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-8"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-4", "step-8"]
+    assert (run / "checkpoints" / "step-8" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["users"] == 120
+
+    (run / "metrics.json").unlink()
+    again = rectrain("eval", str(config), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reevaluated = json.loads((run / "metrics.json").read_text())
+    for key in ("recall@10", "ndcg@10", "mrr@10"):
+        assert reevaluated[key] == pytest.approx(metrics[key], abs=1e-9)
+
+
+def test_resume_replays_the_uninterrupted_losses(tmp_path: Path) -> None:
+    whole = write_config(tmp_path, "whole", workers=2)
+    assert rectrain("train", str(whole), cwd=tmp_path).returncode == 0
+    part = write_config(tmp_path, "part", workers=2)
+    first = rectrain("train", str(part), "train.max_steps=8", "train.save_every=5", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Pretend the run stopped after step 5: keep that checkpoint and the rows before it.
+    run = tmp_path / "part"
+    (run / "checkpoints" / "latest").write_text("step-5\n")
+    rows = (run / "metrics.jsonl").read_text().splitlines()[:5]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    resumed = rectrain("train", str(part), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    expected, got = losses(tmp_path / "whole"), losses(run)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(6, 9):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("train.batch_size=one", "train.batch_size"),
+    ("loss.kind=hinge", "loss.kind"),
+])
+def test_bad_override_is_one_line_exit_2(tmp_path: Path, override: str, key: str) -> None:
+    config = write_config(tmp_path, "bad")
+    done = rectrain("train", str(config), override, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rectrain: error: {key}")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "data").exists()

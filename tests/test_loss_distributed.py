@@ -1,0 +1,132 @@
+"""The proof: at 1, 2 and 4 gloo ranks, every loss of the family gives the one-process loss and,
+after the engine's gradient averaging, the one-process gradient of every trainable parameter
+(through the real LoRA encoder), with duplicates and history hits planted in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model.loss import (Temperature, candidate_scores, contrastive_loss, pairwise_softmax_loss, symmetric_loss,
+                        triplet_loss, user_contrastive_loss)
+from multiproc import run_ranks
+from train.backbone import build_encoder
+from train.config import load_config
+
+GLOBAL_BATCH = 8
+VOCAB = 64
+# Planted false negatives: rows 0 and 2 share item 3, rows 1 and 5 share item 5 (they land on
+# different ranks at 2 and 4 ranks); row 0's history holds 7 (row 3's item), row 6's holds 2 (row 7's).
+ITEM_IDS = torch.tensor([3, 5, 3, 7, 9, 5, 11, 2])
+HISTORY = torch.tensor([[7, 1, -1], [4, -1, -1], [8, 6, 1], [0, -1, -1], [1, 4, -1], [6, -1, -1], [2, 13, 1], [12, -1, -1]])
+PLANTED = {(0, 2), (2, 0), (1, 5), (5, 1), (0, 3), (6, 7)}
+KINDS = ("infonce", "infonce_logq", "infonce_unmasked", "symmetric", "triplet_hardest", "triplet_random",
+         "pairwise", "user_cl")
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+
+    def tokens(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(3, VOCAB, (GLOBAL_BATCH, width), generator=generator)
+        lengths = torch.randint(width // 2, width + 1, (GLOBAL_BATCH,), generator=generator)
+        mask = (torch.arange(width).unsqueeze(0) >= width - lengths.unsqueeze(1)).long()  # left padding
+        return ids * mask, mask
+
+    user_ids, user_mask = tokens(12)
+    view_ids, view_mask = tokens(10)
+    item_ids, item_mask = tokens(6)
+    return {"user_ids": user_ids, "user_mask": user_mask, "view_ids": view_ids, "view_mask": view_mask,
+            "item_tok": item_ids, "item_mask": item_mask, "item_ids": ITEM_IDS, "history_ids": HISTORY,
+            "logq": torch.linspace(-4.0, -1.0, GLOBAL_BATCH)}
+
+
+def make_encoder() -> torch.nn.Module:
+    config = load_config(None, ["model.architecture={model_type: llama, hidden_size: 32, intermediate_size: 64, "
+                                "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4}",
+                                "model.projection_dim=16", "model.pooling=last", "model.lora.r=4"])
+    encoder = build_encoder(config.model, VOCAB, 0, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return encoder
+
+
+def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of `kind` on batch rows `rows` and the gradients it leaves (before any averaging)."""
+    batch = {k: v[rows] for k, v in make_batch().items()}
+    encoder = make_encoder()
+    temperature = Temperature(0.1, learnable=True)
+    query = encoder(batch["user_ids"], batch["user_mask"])
+    item = encoder(batch["item_tok"], batch["item_mask"])
+    common = {"history_ids": batch["history_ids"], "group": group}
+    tau = temperature()
+    if kind.startswith("infonce"):
+        loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau,
+                                logq=batch["logq"] if kind == "infonce_logq" else None,
+                                mask_false_negatives=kind != "infonce_unmasked", **common)
+    elif kind == "symmetric":
+        loss = symmetric_loss(query, item, batch["item_ids"], temperature=tau, **common)
+    elif kind.startswith("triplet"):
+        loss = triplet_loss(query, item, batch["item_ids"], margin=0.5, negative=kind.split("_")[1], seed=3, **common)
+        loss = loss + 0.0 * tau  # the temperature takes no part; keep its gradient defined
+    elif kind == "pairwise":
+        loss = pairwise_softmax_loss(query, item, batch["item_ids"], temperature=tau, **common)
+    else:
+        view = encoder(batch["view_ids"], batch["view_mask"])
+        loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
+            + 0.5 * user_contrastive_loss(query, view, temperature=tau, group=group)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad}
+    grads["temperature"] = temperature.log_value.grad.detach().clone()
+    return loss.detach(), grads
+
+
+def ranks_fn(rank: int, world_size: int) -> dict[str, object]:
+    rows_per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+    out: dict[str, object] = {}
+    for kind in KINDS:
+        loss, grads = step(kind, rows, None if world_size == 1 else dist.group.WORLD)
+        dist.all_reduce(loss)
+        for grad in grads.values():  # what DDP / DeepSpeed do: average gradients over ranks
+            dist.all_reduce(grad)
+            grad /= world_size
+        out[kind] = (loss / world_size, grads)
+    # The mask each rank applies, to compare with the one-process mask's rows.
+    batch = make_batch()
+    scores, positive_column, removed = candidate_scores(torch.randn(rows_per_rank, 4), torch.randn(rows_per_rank, 4),
+                                                        batch["item_ids"][rows], history_ids=batch["history_ids"][rows])
+    out["removed"] = removed
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    return {kind: step(kind, slice(0, GLOBAL_BATCH), None) for kind in KINDS}
+
+
+def test_planted_false_negatives_are_exactly_the_mask() -> None:
+    batch = make_batch()
+    _, positive_column, removed = candidate_scores(torch.randn(8, 4), torch.randn(8, 4), batch["item_ids"],
+                                                   history_ids=batch["history_ids"])
+    assert {tuple(ij) for ij in removed.nonzero().tolist()} == PLANTED
+    assert positive_column.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_every_loss_matches_one_process(world_size: int, reference: dict) -> None:
+    results = run_ranks(ranks_fn, world_size)
+    for kind in KINDS:
+        ref_loss, ref_grads = reference[kind]
+        loss, grads = results[0][kind]
+        assert torch.allclose(loss, ref_loss, atol=1e-5, rtol=0), (kind, loss, ref_loss)
+        assert set(grads) == set(ref_grads)
+        for name, ref in ref_grads.items():
+            assert ref.abs().sum() > 0 or name == "temperature" and kind.startswith("triplet"), (kind, name)
+            assert torch.allclose(grads[name], ref, atol=1e-5, rtol=1e-4), (kind, name, (grads[name] - ref).abs().max())
+    full_mask = torch.cat([r["removed"] for r in results])
+    assert {tuple(ij) for ij in full_mask.nonzero().tolist()} == PLANTED
