@@ -3,6 +3,8 @@ term, and the (possibly learned) temperature."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,7 +35,7 @@ class Objective(nn.Module):
                 views: tuple[torch.Tensor, torch.Tensor] | None = None,
                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
         tau = self.temperature()
-        common = {"history_ids": history_ids, "mask_false_negatives": self.mask_false_negatives, "group": group}
+        common: dict[str, Any] = {"history_ids": history_ids, "mask_false_negatives": self.mask_false_negatives, "group": group}
         logq = logq if self.use_logq else None
         if self.kind == "infonce":
             loss = contrastive_loss(query, item, item_ids, temperature=tau, logq=logq, **common)

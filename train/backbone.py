@@ -44,7 +44,7 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                       target_modules=list(config.lora.target_modules),
                       modules_to_save=list(config.lora.modules_to_save) or None)
     adapted = get_peft_model(backbone, lora)
-    hidden = backbone.config.hidden_size
+    hidden = int(getattr(backbone.config, "hidden_size"))
     encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim)
     if encoder.projection is not None:
         encoder.projection.to(DTYPES[config.dtype])

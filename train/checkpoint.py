@@ -88,9 +88,10 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
     backbone = encoder.backbone
     assert isinstance(backbone, PeftModel)
     weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(backbone, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"{path}: adapter does not match model config ({result.unexpected_keys[0]} unexpected)")
+    result: Any = set_peft_model_state_dict(backbone, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
     if encoder.projection is not None:
         head = load_file(str(path / HEAD_FILE))
         encoder.projection.weight.data.copy_(head["projection.weight"])

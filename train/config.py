@@ -292,7 +292,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return _build(typing.cast(type, tp), value, key + ".")
     if origin is list:
         (inner,) = typing.get_args(tp)
         _check(isinstance(value, list), key, f"expected a list of {_describe(inner)}, got {value!r}")

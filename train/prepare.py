@@ -219,7 +219,7 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
                                      "history": pa.array(rows["history"], pa.list_(pa.int64())),
                                      "target": pa.array(rows["target"], pa.int64())}),
                            tmp_dir / "splits" / f"{split}.parquet")
-        manifest = {
+        manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fingerprint(config),
             "counts": {"users": len(user_ids), "items": n_items, "interactions": int(len(items)),

@@ -56,7 +56,9 @@ class Trainer:
             if prepare.read_manifest(config.data.dir) is not None:
                 log.info("%s was prepared from other settings: preparing it again", config.data.dir)
             prepare.prepare(config, show_progress=self.dist.is_main)
-        self.manifest = prepare.read_manifest(config.data.dir)
+        manifest = prepare.read_manifest(config.data.dir)
+        assert manifest is not None, "prepare wrote no manifest"
+        self.manifest = manifest
         data_dir = Path(config.data.dir)
         self.catalog = Catalog(data_dir / "catalog.parquet", config.prompt.item_template)
         self.run_dir.mkdir(parents=True, exist_ok=True)
