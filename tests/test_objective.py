@@ -1,0 +1,79 @@
+"""The configured objective dispatches to the right loss; the CL4SRec augmentations do what they say."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.augment import MASKED, augment, crop, mask, reorder
+from model.loss import (Temperature, contrastive_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
+                        user_contrastive_loss)
+from model.objective import Objective
+
+
+def embeddings(rows: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+ITEM_IDS = torch.tensor([1, 2, 1, 4, 5, 6])
+HISTORY = torch.tensor([[4, -1], [3, 9], [-1, -1], [7, 8], [1, -1], [0, -1]])
+
+
+@pytest.mark.parametrize("kind", ["infonce", "symmetric", "triplet", "pairwise"])
+def test_objective_computes_the_named_loss(kind: str) -> None:
+    query, item = embeddings(6, 0), embeddings(6, 1)
+    objective = Objective(kind, temperature=0.1, triplet_margin=0.3)
+    got = objective(query, item, ITEM_IDS, history_ids=HISTORY, logq=torch.zeros(6))
+    direct = {
+        "infonce": lambda: contrastive_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY),
+        "symmetric": lambda: symmetric_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY),
+        "triplet": lambda: triplet_loss(query, item, ITEM_IDS, margin=0.3, history_ids=HISTORY),
+        "pairwise": lambda: pairwise_softmax_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY),
+    }[kind]()
+    assert torch.allclose(got, direct)
+
+
+def test_user_term_is_added_with_its_weight() -> None:
+    query, item, view_a, view_b = (embeddings(6, s) for s in range(4))
+    objective = Objective("infonce", temperature=0.1, user_cl_weight=0.25)
+    got = objective(query, item, ITEM_IDS, views=(view_a, view_b))
+    expected = contrastive_loss(query, item, ITEM_IDS, temperature=0.1) \
+        + 0.25 * user_contrastive_loss(view_a, view_b, temperature=0.1)
+    assert torch.allclose(got, expected)
+
+
+def test_infonce_matches_a_naive_loop() -> None:
+    query, item = embeddings(6, 5), embeddings(6, 6)
+    logq = torch.linspace(-3, -1, 6)
+    got = contrastive_loss(query, item, ITEM_IDS, temperature=0.2, history_ids=HISTORY, logq=logq)
+    total = 0.0
+    for i in range(6):
+        kept = [j for j in range(6) if j == i or (ITEM_IDS[j] != ITEM_IDS[i] and ITEM_IDS[j] not in HISTORY[i])]
+        logits = torch.stack([query[i] @ item[j] / 0.2 - logq[j] for j in kept])
+        total += float(-torch.log_softmax(logits, 0)[kept.index(i)])
+    assert float(got) == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_learned_temperature_is_clamped_and_trainable() -> None:
+    temperature = Temperature(0.05, learnable=True, minimum=0.02, maximum=0.5)
+    assert temperature.log_value.requires_grad and float(temperature()) == pytest.approx(0.05)
+    with torch.no_grad():
+        temperature.log_value.fill_(10.0)
+    assert float(temperature()) == pytest.approx(0.5)
+    assert not Temperature(0.05).log_value.requires_grad
+
+
+def test_augmentations() -> None:
+    history = list(range(10))
+    rng = random.Random(0)
+    cropped = crop(history, 0.6, rng)
+    assert len(cropped) == 6 and cropped == list(range(cropped[0], cropped[0] + 6))
+    masked = mask(history, 0.3, rng)
+    assert masked.count(MASKED) == 3 and [h for h in masked if h != MASKED] == [h for h in history if h in masked]
+    reordered = reorder(history, 0.5, rng)
+    assert sorted(reordered) == history and reordered != history
+    assert augment([7], rng, 0.6, 0.3, 0.3) == [7]
+    assert augment(history, random.Random(1), 0.6, 0.3, 0.3) == augment(history, random.Random(1), 0.6, 0.3, 0.3)
