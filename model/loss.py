@@ -172,7 +172,8 @@ class Temperature(nn.Module):
     def __init__(self, initial: float, learnable: bool = False, minimum: float = 0.01, maximum: float = 1.0) -> None:
         super().__init__()
         self.minimum, self.maximum = minimum, maximum
-        self.log_value = nn.Parameter(torch.tensor(float(initial)).log(), requires_grad=learnable)
+        # Shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors.
+        self.log_value = nn.Parameter(torch.tensor([float(initial)]).log(), requires_grad=learnable)
 
     def forward(self) -> torch.Tensor:
-        return self.log_value.exp().clamp(self.minimum, self.maximum)
+        return self.log_value.exp().clamp(self.minimum, self.maximum).squeeze(0)

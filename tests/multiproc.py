@@ -24,6 +24,9 @@ def free_port() -> int:
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, results: Any, args: tuple[Any, ...]) -> None:
     torch.set_num_threads(1)  # N ranks share 2 cores; more threads only thrash
+    # What torchrun would set: engines (Accelerate, DeepSpeed) read them.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=60))

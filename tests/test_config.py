@@ -22,7 +22,7 @@ def _error(overrides: list[str], path: Path | None = None) -> str:
 def test_defaults_build_without_a_file() -> None:
     config = load_config(None, [])
     assert isinstance(config, Config)
-    assert config.engine == "plain"
+    assert config.engine == "auto"
     assert config.train.max_steps == 100
     assert config.train.batch_size == 32
     assert config.data.format == "synthetic"
@@ -127,7 +127,9 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("data.max_history=0", "data.max_history: must be >= 1"),
     ("data.shard_size=0", "data.shard_size: must be >= 1"),
     ("data.catalog_columns.text=[]", "data.catalog_columns.text: name at least one text field"),
-    ("engine=ddp", "engine: must be one of plain (got 'ddp')"),
+    ("engine=horovod", "engine: must be one of auto, plain, ddp, accelerate, deepspeed (got 'horovod')"),
+    ("train.precision=fp8", "train.precision: must be one of fp32, bf16, fp16 (got 'fp8')"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be -1 (from the JSON) or 0-3"),
     ("device=tpu", "device: must be one of auto, cpu, cuda (got 'tpu')"),
     ("model.pooling=max", "model.pooling: must be one of last, mean (got 'max')"),
     ("model.lora.dropout=1.0", "model.lora.dropout: must be in [0, 1)"),
@@ -264,7 +266,7 @@ def test_subcommand_help_lists_every_config_key(command: str, capsys: pytest.Cap
     assert "config keys (default: meaning):" in out
     assert "  train.max_steps = 100\n      optimizer steps" in out
     for key in ("data.format = 'synthetic'", "data.columns.user = 'user_id'", "model.lora.r = 8",
-                "eval.k = [10]", "engine = 'plain'"):
+                "eval.k = [10]", "engine = 'auto'"):
         assert f"  {key}\n" in out
 
 

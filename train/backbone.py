@@ -19,7 +19,8 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
     if config.name_or_path:
         kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         try:
-            return AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
+            return AutoModel.from_pretrained(config.name_or_path, dtype=dtype, attn_implementation=config.attn_implementation,
+                                             **kwargs)
         except OSError as err:
             raise UserError(f"model.name_or_path: cannot load {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
     arch = dict(config.architecture)
@@ -28,13 +29,20 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         hf_config = AutoConfig.for_model(model_type, vocab_size=vocab_size, pad_token_id=pad_token_id, **arch)
     except (ValueError, TypeError) as err:
         raise UserError(f"model.architecture: {err}") from None
-    return AutoModel.from_config(hf_config, dtype=dtype)
+    return AutoModel.from_config(hf_config, dtype=dtype, attn_implementation=config.attn_implementation)
 
 
 def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int) -> RecEncoder:
     """Backbone + LoRA (base weights frozen) + pooling + optional projection."""
     torch.manual_seed(seed)
-    backbone = load_backbone(config, vocab_size, pad_token_id)
+    try:
+        backbone = load_backbone(config, vocab_size, pad_token_id)
+    except ImportError as err:  # flash_attention_2 without the flash-attn package, and the like
+        raise UserError(f"model.attn_implementation: {str(err).splitlines()[0]}") from None
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach LoRA weights although the frozen
+        # embeddings' outputs do not require grad.
+        getattr(backbone, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs={"use_reentrant": False})
     present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
     missing = [m for m in config.lora.target_modules if m not in present]
     if missing:

@@ -37,28 +37,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(run_dir: Path, step: int, encoder: RecEncoder, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step`, move `latest` to it, drop all but the newest `keep_last`."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def staging(run_dir: Path, step: int) -> Path:
+    """The temporary directory checkpoint `step` is written into before `publish`."""
+    return run_dir / "checkpoints" / f".step-{step}.tmp"
+
+
+def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -> None:
+    """Adapter (peft, safetensors), projection head and trainer state into `directory` (rank 0)."""
     backbone = encoder.backbone
     assert isinstance(backbone, PeftModel)
-    backbone.save_pretrained(str(tmp / ADAPTER_DIR))
+    backbone.save_pretrained(str(directory / ADAPTER_DIR))
     if encoder.projection is not None:
-        save_file({"projection.weight": encoder.projection.weight.detach().cpu().contiguous()}, str(tmp / HEAD_FILE))
-    torch.save(trainer_state, tmp / STATE_FILE)
+        save_file({"projection.weight": encoder.projection.weight.detach().cpu().contiguous()}, str(directory / HEAD_FILE))
+    torch.save(trainer_state, directory / STATE_FILE)
+
+
+def publish(run_dir: Path, step: int, keep_last: int) -> Path:
+    """Rename the staged checkpoint into place, move `latest` to it, drop all but the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step}"
     shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    staging(run_dir, step).rename(final)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name + "\n")
     pointer.replace(root / LATEST)
-    steps = sorted((int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit()))
+    steps = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
     for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+        if old != step:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     return final
 
 
@@ -98,4 +104,5 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path` (step, data position, RNG, engine state)."""
     return torch.load(path / STATE_FILE, weights_only=False)

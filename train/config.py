@@ -163,6 +163,8 @@ class ModelConfig:
     padding_side: str = doc("left", "left | right")
     projection_dim: int = doc(0, "size of a trained linear projection after pooling; 0 = none")
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
+    attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
 
     def __post_init__(self) -> None:
@@ -172,6 +174,7 @@ class ModelConfig:
         _one_of(self.pooling, "model.pooling", ("last", "mean"))
         _one_of(self.padding_side, "model.padding_side", ("left", "right"))
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+        _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         _check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
         _check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
 
@@ -182,7 +185,8 @@ class TrainConfig:
 
     max_steps: int = doc(100, "optimizer steps")
     batch_size: int = doc(32, "samples per rank per step")
-    lr: float = doc(1e-3, "peak learning rate (AdamW)")
+    optimizer: str = doc("adamw", "adamw | sgd (plain SGD: its update shows gradient scale, which Adam's hides)")
+    lr: float = doc(1e-3, "peak learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     warmup_steps: int = doc(10, "linear warmup steps before the cosine decay")
     grad_clip: float = doc(1.0, "gradient norm clip; 0 = off")
@@ -190,11 +194,14 @@ class TrainConfig:
     save_every: int = doc(0, "steps between checkpoints; 0 = only at the end")
     eval_every: int = doc(0, "steps between validation evaluations; 0 = only at the end")
     keep_last: int = doc(2, "checkpoints kept (older ones are deleted); 0 = keep all")
+    precision: str = doc("fp32", "fp32 | bf16 | fp16 mixed precision (autocast; engines' own mechanisms)")
+    collective_timeout: int = doc(600, "seconds a rank waits in a collective before giving up (dead peer)")
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (in-batch negatives need a batch)")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
@@ -202,6 +209,8 @@ class TrainConfig:
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
+        _one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
+        _check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
 
 
 @dataclass
@@ -261,13 +270,24 @@ class EvalConfig:
 
 
 @dataclass
+class DeepSpeedSettings:
+    """DeepSpeed (engine=deepspeed). Batch size, clipping and precision come from train.*."""
+
+    config: str = doc("configs/deepspeed/zero2.json", "DeepSpeed JSON config (ZeRO settings, offload, ...)")
+    zero_stage: int = doc(-1, "ZeRO stage 0-3 overriding the JSON's; -1 = as in the JSON")
+
+    def __post_init__(self) -> None:
+        _check(-1 <= self.zero_stage <= 3, "deepspeed.zero_stage", "must be -1 (from the JSON) or 0-3")
+
+
+@dataclass
 class Config:
     """A whole run. YAML recipes in configs/ are instances of this schema."""
 
     output_dir: str = doc("runs/debug", "run directory: config, metrics, checkpoints")
     seed: int = doc(0, "seed of data generation, shuffling and initialisation")
     device: str = doc("auto", "auto | cpu | cuda")
-    engine: str = doc("plain", "plain (one process); ddp, accelerate and deepspeed come later")
+    engine: str = doc("auto", "auto (follow the launcher) | plain (one process) | ddp | accelerate | deepspeed")
     resume: str = doc("auto", "auto (newest complete checkpoint, if any) | never | a checkpoint path")
     data: DataConfig = doc(DataConfig(), "data")
     prompt: PromptConfig = doc(PromptConfig(), "prompts")
@@ -275,10 +295,13 @@ class Config:
     train: TrainConfig = doc(TrainConfig(), "training loop")
     loss: LossConfig = doc(LossConfig(), "loss")
     eval: EvalConfig = doc(EvalConfig(), "evaluation")
+    deepspeed: DeepSpeedSettings = doc(DeepSpeedSettings(), "DeepSpeed settings")
 
     def __post_init__(self) -> None:
         _one_of(self.device, "device", ("auto", "cpu", "cuda"))
-        _one_of(self.engine, "engine", ("plain",))
+        _one_of(self.engine, "engine", ("auto", "plain", "ddp", "accelerate", "deepspeed"))
+        _check(not (self.loss.learn_temperature and self.loss.kind == "triplet"), "loss.learn_temperature",
+               "the triplet loss uses no temperature")
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -28,6 +28,7 @@ class DistState:
     local_rank: int
     world_size: int
     device: torch.device
+    launcher: str = "none"
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +44,22 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def launcher(env: dict[str, str] | os._Environ[str]) -> str:
+    """Which launcher started this process: accelerate, deepspeed, torchrun, slurm, mpi or none.
+    (accelerate launch runs torchrun underneath, so it is asked first.)"""
+    if any(key.startswith("ACCELERATE_") for key in env) and "RANK" in env:
+        return "accelerate"
+    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:
+        return "deepspeed"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        return "mpi"
+    return "none"
+
+
 def from_environment(device: str = "auto", environ: dict[str, str] | None = None) -> DistState:
     """Read rank, local rank and world size from the first launcher whose variables are set."""
     env = os.environ if environ is None else environ
@@ -50,5 +67,10 @@ def from_environment(device: str = "auto", environ: dict[str, str] | None = None
         if rank_key in env and size_key in env:
             rank, size = int(env[rank_key]), int(env[size_key])
             local = int(env.get(local_key, rank))
-            return DistState(rank, local, size, _pick_device(device, local))
-    return DistState(0, 0, 1, _pick_device(device, 0))
+            if rank_key != "RANK" and size > 1:
+                # torch.distributed's env:// rendezvous reads these; srun and mpirun set their own.
+                os.environ.setdefault("RANK", str(rank))
+                os.environ.setdefault("WORLD_SIZE", str(size))
+                os.environ.setdefault("LOCAL_RANK", str(local))
+            return DistState(rank, local, size, _pick_device(device, local), launcher(env))
+    return DistState(0, 0, 1, _pick_device(device, 0), launcher(env))

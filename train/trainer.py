@@ -1,7 +1,8 @@
 """The training loop: setup / train_step / train / evaluate / save / close.
 
 A step is shaped as embed -> loss on embeddings -> backward, so that gradient caching can
-later replace `embed` with chunked, graph-free encoding without touching the rest.
+later replace `embed` with chunked, graph-free encoding without touching the rest. The engine
+(plain, DDP, Accelerate, DeepSpeed) only wraps encoding, backward and the optimizer step.
 """
 
 from __future__ import annotations
@@ -9,26 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
-from model.encoder import RecEncoder
 from model.objective import Objective
 from train import checkpoint, prepare
 from train.backbone import build_encoder
 from train.collate import Catalog, PromptEncoder
 from train.config import Config, save_config
 from train.distributed import DistState
+from train.engines import Engine, RecModel, choose, init_process_group
 from train.evaluate import evaluate, format_table
 from train.stream import TrainStream, expand_urls, make_loader
 from train.tokenizer import load_or_build
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -37,59 +43,69 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class Trainer:
     """Trains one run directory from its config."""
 
-    def __init__(self, config: Config, dist: DistState) -> None:
+    def __init__(self, config: Config, dist_state: DistState) -> None:
         self.config = config
-        self.dist = dist
+        self.dist = dist_state
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
-        self.group = None  # the process group of the loss's gather; None = the default group
+        self.stop_signal: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
-        """Prepare data if needed, then build the catalog, tokenizer and prompt encoder."""
+        """Prepare data if needed (rank 0; the others wait), then catalog, tokenizer and prompts."""
         config = self.config
-        if not prepare.is_prepared(config):
-            if prepare.read_manifest(config.data.dir) is not None:
-                log.info("%s was prepared from other settings: preparing it again", config.data.dir)
-            prepare.prepare(config, show_progress=self.dist.is_main)
+        if self.dist.is_main:
+            if not prepare.is_prepared(config):
+                if prepare.read_manifest(config.data.dir) is not None:
+                    log.info("%s was prepared from other settings: preparing it again", config.data.dir)
+                prepare.prepare(config, show_progress=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
         manifest = prepare.read_manifest(config.data.dir)
         assert manifest is not None, "prepare wrote no manifest"
         self.manifest = manifest
-        data_dir = Path(config.data.dir)
-        self.catalog = Catalog(data_dir / "catalog.parquet", config.prompt.item_template)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(Path(config.data.dir) / "catalog.parquet", config.prompt.item_template)
         corpus = None
-        if not config.model.name_or_path:
+        if not config.model.name_or_path and self.dist.is_main:
             corpus = self.catalog.texts(range(len(self.catalog))) + [config.prompt.instruction, config.prompt.user_template]
+            load_or_build(config.model, self.run_dir / "tokenizer", corpus)
+        barrier()
         self.tokenizer = load_or_build(config.model, self.run_dir / "tokenizer", corpus)
         views = config.loss.augment if config.loss.user_cl_weight > 0 else None
         self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
                                      views=views, seed=config.seed)
 
     def setup_model(self) -> None:
-        config = self.config
-        self.encoder: RecEncoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id,
-                                                 config.seed).to(self.dist.device)
-        lc = config.loss
-        self.objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
-                                   lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative,
-                                   lc.user_cl_weight).to(self.dist.device)
+        """Encoder (same initial weights on every rank) and objective, as one RecModel."""
+        config, lc = self.config, self.config.loss
+        encoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id, config.seed)
+        objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
+                              lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative, lc.user_cl_weight)
+        self.model = RecModel(encoder, objective).to(self.dist.device)
+        self.encoder = self.model.encoder
 
     def setup(self) -> None:
-        """Everything before the first step: data, tokenizer, model, optimizer, resume."""
+        """Everything before the first step: process group, data, model, engine, resume, loader."""
         config = self.config
-        torch.manual_seed(config.seed)
+        init_process_group(self.dist, config.train.collective_timeout)
+        engine_class = choose(config, self.dist)
         self.setup_data()
         self.setup_model()
+        self.engine: Engine = engine_class(config, self.dist)
+        self.engine.build(self.model)
+        # Per-rank randomness (LoRA dropout) after identical initialisation.
+        torch.manual_seed(config.seed * 1000 + self.dist.rank)
         if self.dist.is_main:
             save_config(config, self.run_dir / "config.yaml")
-        trainable = [p for p in [*self.encoder.parameters(), *self.objective.parameters()] if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.train.warmup_steps, config.train.max_steps)
         resume_from = checkpoint.resolve(config.resume, self.run_dir)
         if resume_from is not None:
             self.load(resume_from)
@@ -99,77 +115,92 @@ class Trainer:
                              collate=self.prompts, seed=config.seed, shuffle_buffer_size=config.data.shuffle_buffer,
                              skip_batches=self.batches_consumed)
         self.loader = make_loader(stream, config.data.num_workers)
-        n_trainable = sum(p.numel() for p in trainable)
-        n_total = sum(p.numel() for p in self.encoder.parameters())
-        log.info("model: %s trainable of %s parameters (%.2f%%) on %s", f"{n_trainable:,}", f"{n_total:,}",
-                 100 * n_trainable / n_total, self.dist.device)
+        # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.trainable(self.model))
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        log.info("engine %s, %d rank(s), launcher %s; %s trainable of %s parameters (%.2f%%) on %s", self.engine.name,
+                 self.dist.world_size, self.dist.launcher, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 self.dist.device)
 
     # ------------------------------------------------------------------ steps
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
-        out = {"query": self.encoder(batch["user_input_ids"], batch["user_attention_mask"]),
-               "item": self.encoder(batch["item_input_ids"], batch["item_attention_mask"])}
+        out = {"query": self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"]),
+               "item": self.engine.encode(batch["item_input_ids"], batch["item_attention_mask"])}
         for view in ("view_a", "view_b"):
             if f"{view}_input_ids" in batch:
-                out[view] = self.encoder(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"])
+                out[view] = self.engine.encode(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"])
         return out
 
     def loss(self, embeddings: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         views = (embeddings["view_a"], embeddings["view_b"]) if "view_a" in embeddings else None
-        return self.objective(embeddings["query"], embeddings["item"], batch["item_ids"], history_ids=batch["history_ids"],
-                              logq=batch["logq"], views=views, group=self.group)
+        return self.model.objective(embeddings["query"], embeddings["item"], batch["item_ids"],
+                                    history_ids=batch["history_ids"], logq=batch["logq"], views=views)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step on one batch; returns the loss."""
+        """One optimizer step on this rank's part of the global batch; returns the local loss."""
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         loss = self.loss(self.embed(batch), batch)
-        loss.backward()
-        if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.backward(loss)
+        self.engine.step()
         self.step += 1
         self.batches_consumed += 1
         return float(loss.detach())
 
-    def train(self) -> dict[str, Any]:
-        """Run to train.max_steps, logging, evaluating and checkpointing on schedule."""
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank was signalled: all ranks must stop at the same step to checkpoint together."""
+        flag = torch.tensor([1 if self.stop_signal else 0], device=self.dist.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict[str, Any] | None:
+        """Run to train.max_steps, logging, evaluating and checkpointing on schedule.
+
+        SIGTERM or SIGUSR1 (a scheduler's preemption warning) finishes the current step, saves
+        a checkpoint and returns None; `resume: auto` continues from it."""
         config, tc = self.config, self.config.train
         main = self.dist.is_main
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         metrics_path = self.run_dir / "metrics.jsonl"
-        window_start, window_samples, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0, 0.0, 0
+        window: dict[str, float] = {"start": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
         batches = iter(self.loader)
-        while self.step < tc.max_steps:
-            batch = next(batches)
-            loss = self.train_step(batch)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
-            window_samples += len(batch["item_ids"]) * self.dist.world_size
-            window_tokens += int(batch["user_attention_mask"].sum() + batch["item_attention_mask"].sum()) * self.dist.world_size
-            window_loss += loss
-            window_steps += 1
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": self.step, "loss": round(window_loss / window_steps, 6),
-                       "lr": self.scheduler.get_last_lr()[0], "temperature": round(float(self.objective.temperature()), 5),
-                       "samples_per_s": round(window_samples / elapsed, 2), "tokens_per_s": round(window_tokens / elapsed, 1)}
-                if main:
-                    with metrics_path.open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
-                window_start, window_samples, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0, 0.0, 0
-            bar.update(1)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                valid = self.evaluate("valid", show_progress=False)
-                if main:
-                    with metrics_path.open("a") as handle:
-                        handle.write(json.dumps({"step": self.step, **{f"valid/{k}": v for k, v in valid.items()
-                                                                       if k != "popularity"}}) + "\n")
-            if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
-                self.save()
-        bar.close()
+        try:
+            while self.step < tc.max_steps:
+                if self._stop_requested():
+                    name = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
+                    self.save()
+                    log.warning("stopped at step %d by %s; checkpoint saved, resume=auto continues", self.step, name)
+                    return None
+                batch = next(batches)
+                loss = self.train_step(batch)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
+                window["samples"] += len(batch["item_ids"]) * self.dist.world_size
+                window["tokens"] += int(batch["user_attention_mask"].sum() + batch["item_attention_mask"].sum()) \
+                    * self.dist.world_size
+                window["loss"] += loss
+                window["steps"] += 1
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    self._log(window, metrics_path, bar)
+                    window = {"start": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+                bar.update(1)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                    valid = self.evaluate("valid", show_progress=False)
+                    if main:
+                        with metrics_path.open("a") as handle:
+                            handle.write(json.dumps({"step": self.step, **{f"valid/{k}": v for k, v in valid.items()
+                                                                           if k != "popularity"}}) + "\n")
+                if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.save()
         metrics = self.evaluate(config.eval.split)
         if main:
@@ -177,33 +208,64 @@ class Trainer:
             print(format_table(metrics, config.eval.k), flush=True)
         return metrics
 
+    def _log(self, window: dict[str, float], path: Path, bar: tqdm) -> None:
+        """One row of metrics.jsonl. The loss is this rank's mean over the window (rank 0 writes)."""
+        elapsed = time.perf_counter() - window["start"]
+        row = {"step": self.step, "loss": round(window["loss"] / window["steps"], 6), "lr": self.engine.lr(),
+               "temperature": round(float(self.model.objective.temperature()), 5),
+               "samples_per_s": round(window["samples"] / elapsed, 2), "tokens_per_s": round(window["tokens"] / elapsed, 1)}
+        if self.dist.is_main:
+            with path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
+
     # ------------------------------------------------------------------ evaluation, state
     def evaluate(self, split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+        """Full-catalog metrics; every rank computes them (ZeRO-3 needs all ranks in the forward)."""
         return evaluate(self.encoder, self.prompts, self.config, self.dist.device, split,
                         show_progress and self.dist.is_main)
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "batches_consumed": self.batches_consumed, "objective": self.objective.state_dict(),
-                "objective_calls": self.objective.calls, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+        rng = checkpoint.rng_state()
+        ranks_rng = [rng] * self.dist.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(ranks_rng, rng)
+        return {"step": self.step, "batches_consumed": self.batches_consumed, "rng": ranks_rng,
+                "objective": self.model.objective.state_dict(), "objective_calls": self.model.objective.calls}
 
-    def save(self) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        path = checkpoint.save(self.run_dir, self.step, self.encoder, self.state(), self.config.train.keep_last)
-        log.info("saved %s", path)
-        return path
+    def save(self) -> Path:
+        """Checkpoint the current step on every rank's behalf; returns its final path."""
+        staging = checkpoint.staging(self.run_dir, self.step)
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        state = self.state()
+        state["engine"] = self.engine.save_state(staging)
+        with self.engine.full_weights():
+            if self.dist.is_main:
+                checkpoint.write(staging, self.encoder, state)
+        barrier()
+        final = self.run_dir / "checkpoints" / f"step-{self.step}"
+        if self.dist.is_main:
+            checkpoint.publish(self.run_dir, self.step, self.config.train.keep_last)
+            log.info("saved %s", final)
+        barrier()
+        return final
 
     def load(self, path: Path) -> None:
-        checkpoint.load_weights(path, self.encoder)
         state = checkpoint.load_state(path)
-        self.objective.load_state_dict(state["objective"])
-        self.objective.calls = state["objective_calls"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        if not self.engine.weights_in_engine_state:
+            checkpoint.load_weights(path, self.encoder)
+            self.model.objective.load_state_dict(state["objective"])
+        self.engine.load_state(path, state["engine"])
+        self.model.objective.calls = state["objective_calls"]
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def close(self) -> None:
         self.loader = None  # type: ignore[assignment]
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

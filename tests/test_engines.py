@@ -1,0 +1,81 @@
+"""Every engine at 2 gloo ranks, fed the same global batches (rank r takes its slice), gives the
+losses and LoRA weights of a 1-rank run on the whole batches.
+
+Plain SGD, not AdamW: Adam's update is nearly invariant to the gradient's scale, so a gradient
+summed instead of averaged over ranks would pass unseen; SGD's update shows it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiproc import run_ranks
+
+GLOBAL_BATCH = 8
+STEPS = 3
+ENGINES = [("ddp", -1), ("accelerate", -1), ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)]
+
+
+def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [f"output_dir={tmp}/run-{engine}{zero_stage}-{world_size}", f"data.dir={tmp}/data", "device=cpu",
+            f"engine={engine}", f"deepspeed.zero_stage={zero_stage}", "resume=never", "seed=5",
+            "data.synthetic={num_users: 60, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
+            "data.num_workers=0", "model.tokenizer_vocab_size=200", "model.projection_dim=8",
+            "model.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+            "num_key_value_heads: 2}", "prompt.max_user_tokens=48", "prompt.max_item_tokens=8",
+            f"train.batch_size={GLOBAL_BATCH // world_size}", "train.lr=0.5", "train.optimizer=sgd", "train.grad_clip=0", "train.warmup_steps=0",
+            f"train.max_steps={STEPS}", "loss.learn_temperature=true", "loss.temperature=0.1",
+            f"deepspeed.config={Path(__file__).resolve().parents[1] / 'configs/deepspeed/zero2.json'}", *extra]
+
+
+def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]]) -> dict:
+    from train.config import load_config
+    from train.distributed import from_environment
+    from train.stream import read_shard
+    from train.trainer import Trainer
+
+    out = {}
+    for engine, stage in runs:
+        config = load_config(None, tiny_config(Path(tmp), engine, stage, world_size))
+        trainer = Trainer(config, from_environment("cpu"))
+        trainer.setup()
+        shard = Path(config.data.dir) / trainer.manifest["shards"][0]["name"]
+        samples = list(read_shard(str(shard)))
+        per_rank = GLOBAL_BATCH // world_size
+        losses = []
+        for step in range(STEPS):
+            global_batch = trainer.prompts(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+            local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in global_batch.items()}
+            loss = torch.tensor(trainer.train_step(local))
+            if world_size > 1:
+                torch.distributed.all_reduce(loss)
+            losses.append(float(loss) / world_size)
+        with trainer.engine.full_weights():
+            weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        out[f"{engine}{stage}"] = (losses, weights)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return tmp_path_factory.mktemp("engines")
+
+
+def test_engines_at_two_ranks_match_one_rank(workdir: Path) -> None:
+    (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)])
+    ref_losses, ref_weights = reference["plain-1"]
+    assert ref_losses[0] != ref_losses[-1]
+    results = run_ranks(train_on_fixed_batches, 2, str(workdir), ENGINES, timeout=600)
+    for engine, stage in ENGINES:
+        losses, weights = results[0][f"{engine}{stage}"]
+        assert losses == pytest.approx(ref_losses, abs=1e-5), (engine, stage)
+        assert set(weights) == set(ref_weights), (engine, stage)
+        for name, ref in ref_weights.items():
+            assert torch.allclose(weights[name], ref, atol=2e-5), (engine, stage, name, (weights[name] - ref).abs().max())
+        # both ranks hold the same weights
+        other = results[1][f"{engine}{stage}"][1]
+        assert all(torch.equal(other[name], weights[name]) for name in weights), (engine, stage)

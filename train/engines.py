@@ -1,0 +1,270 @@
+"""Training engines: plain, DDP, Accelerate and DeepSpeed behind one small interface.
+
+The trainer calls `encode`, `backward`, `step`, `save_state`/`load_state` and never touches an
+engine's own objects, so the step — and the loss, gathered over the default process group —
+is the same code under every engine (the gradient proof of the loss holds for each).
+
+Gradient averaging: DDP, Accelerate (DDP underneath) and DeepSpeed average gradients over ranks
+after backward. That average is exactly what the loss's contract expects (see model/loss.py),
+so no engine gets an extra scale factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from model.encoder import RecEncoder
+from model.objective import Objective
+from train.config import Config
+from train.distributed import DistState
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RecModel(nn.Module):
+    """Encoder + objective: every trainable parameter (the temperature included) in one module,
+    whose forward is the encoder's, so DDP and DeepSpeed see each encoding call."""
+
+    def __init__(self, encoder: RecEncoder, objective: Objective) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.objective = objective
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask)
+
+
+def init_process_group(dist_state: DistState, timeout_s: int) -> None:
+    """Join the default process group (env:// rendezvous) when launched with several ranks."""
+    if dist_state.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if dist_state.device.type == "cuda" else "gloo"
+    if dist_state.device.type == "cuda":
+        torch.cuda.set_device(dist_state.device)
+    dist.init_process_group(backend, rank=dist_state.rank, world_size=dist_state.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+class Engine:
+    """The plain engine: one process, the single-GPU and laptop debug mode."""
+
+    name = "plain"
+
+    def __init__(self, config: Config, dist_state: DistState) -> None:
+        self.config = config
+        self.dist = dist_state
+        self.precision = config.train.precision
+        self.scaler = torch.amp.GradScaler(dist_state.device.type) if self.precision == "fp16" else None
+
+    def trainable(self, model: RecModel) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build(self, model: RecModel) -> None:
+        """Wrap the model and create the optimizer and the warmup + cosine schedule."""
+        tc = self.config.train
+        self.model = model
+        if tc.optimizer == "sgd":
+            self.optimizer: Any = torch.optim.SGD(self.trainable(model), lr=tc.lr, weight_decay=tc.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.trainable(model), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, tc.warmup_steps, tc.max_steps)
+        self.wrapped: nn.Module = model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=AUTOCAST[self.precision])
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.wrapped(input_ids, attention_mask)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        """Clip, step the optimizer and the schedule, clear gradients."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable(self.model), self.config.train.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Inside: every trainable parameter is whole on this rank (ZeRO-3 partitions them)."""
+        yield
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        """Engine state for a checkpoint: returned to be pickled by rank 0, or written by the engine."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def weights_in_engine_state(self) -> bool:
+        """True when `load_state` restores the model weights itself (DeepSpeed)."""
+        return False
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel (torchrun, srun, or any env:// launcher)."""
+
+    name = "ddp"
+
+    def build(self, model: RecModel) -> None:
+        super().build(model)
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        # Users and items are two forward calls before one backward; every trainable parameter
+        # gets its gradient once per backward all the same, so the default (static) reducer is right.
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+class AccelerateEngine(Engine):
+    """Hugging Face Accelerate: its Accelerator prepares the model and optimizer."""
+
+    name = "accelerate"
+
+    def build(self, model: RecModel) -> None:
+        from accelerate import Accelerator
+
+        super().build(model)
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        self.accelerator = Accelerator(cpu=self.dist.device.type == "cpu", mixed_precision=mixed)
+        self.scaler = None  # the Accelerator scales fp16 losses itself
+        # The schedule stays ours: Accelerate's wrapper would advance it once per process per step.
+        self.wrapped, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(input_ids, attention_mask)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> None:
+        if self.config.train.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.trainable(self.model), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO stages 0-3, configured from `deepspeed.config` (JSON) and the run config."""
+
+    name = "deepspeed"
+
+    def ds_config(self) -> dict[str, Any]:
+        cfg = self.config
+        path = Path(cfg.deepspeed.config)
+        try:
+            ds = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"deepspeed.config: file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        # The run config is the one source of batch size, clipping and precision.
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = cfg.train.batch_size * self.dist.world_size
+        ds["gradient_clipping"] = cfg.train.grad_clip
+        ds["bf16"] = {"enabled": self.precision == "bf16"}
+        ds["fp16"] = {"enabled": self.precision == "fp16"}
+        ds.setdefault("zero_optimization", {})
+        if cfg.deepspeed.zero_stage >= 0:
+            ds["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage
+        ds.setdefault("steps_per_print", 10**9)
+        # The client optimizer is torch's own AdamW or SGD, which ZeRO handles like any other.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        return ds
+
+    def build(self, model: RecModel) -> None:
+        import deepspeed
+
+        super().build(model)
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        config = self.ds_config()
+        self.stage = int(config["zero_optimization"].get("stage", 0))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
+            model_parameters=self.trainable(model))
+        self.wrapped = self.engine
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids, attention_mask)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()  # clips, steps optimizer and schedule, clears gradients
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        if self.stage < 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(self.trainable(self.model), modifier_rank=None):
+            yield
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        # Every rank writes its ZeRO partition of the optimizer (and, at stage 3, of the weights).
+        # Frozen base weights are left out: they are the pretrained (or seeded) ones.
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True, load_module_strict=False)
+
+    @property
+    def weights_in_engine_state(self) -> bool:
+        return True
+
+
+ENGINES: dict[str, type[Engine]] = {"plain": Engine, "ddp": DDPEngine, "accelerate": AccelerateEngine,
+                                    "deepspeed": DeepSpeedEngine}
+
+
+def choose(config: Config, dist_state: DistState) -> type[Engine]:
+    """The engine `config.engine` names; `auto` follows the launcher."""
+    name = config.engine
+    if name == "auto":
+        name = {"deepspeed": "deepspeed", "accelerate": "accelerate"}.get(dist_state.launcher,
+                                                                          "ddp" if dist_state.world_size > 1 else "plain")
+    if name == "plain" and dist_state.world_size > 1:
+        raise UserError(f"engine: plain runs one process, but {dist_state.world_size} were launched "
+                        f"(by {dist_state.launcher}); use engine=auto, ddp, accelerate or deepspeed")
+    return ENGINES[name]
