@@ -1,0 +1,44 @@
+# Shared by the launchers: flag parsing and help. Sourced, not run.
+# Sets NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, CONFIG and ARGS (the overrides).
+
+usage() {
+    sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+default_nproc() {
+    # One process per visible GPU; on a CPU-only machine one process (use --nproc for more).
+    local gpus
+    gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    if [ "${gpus:-0}" -gt 0 ]; then echo "$gpus"; else echo 1; fi
+}
+
+NPROC=${NPROC_PER_NODE:-}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+HOSTFILE=${HOSTFILE:-}
+CONFIG=""
+ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage 0 ;;
+        --nproc) NPROC=$2; shift 2 ;;
+        --nnodes) NNODES=$2; shift 2 ;;
+        --node-rank) NODE_RANK=$2; shift 2 ;;
+        --master) MASTER_ADDR=${2%:*}; [ "$2" != "${2#*:}" ] && MASTER_PORT=${2##*:}; shift 2 ;;
+        --hostfile) HOSTFILE=$2; shift 2 ;;
+        -*) echo "$(basename "$0"): unknown flag $1 (see --help)" >&2; exit 2 ;;
+        *) if [ -z "$CONFIG" ]; then CONFIG=$1; else ARGS+=("$1"); fi; shift ;;
+    esac
+done
+if [ -z "$CONFIG" ]; then
+    echo "$(basename "$0"): missing CONFIG (see --help)" >&2
+    exit 2
+fi
+if [ ! -f "$CONFIG" ]; then
+    echo "$(basename "$0"): config file not found: $CONFIG" >&2
+    exit 2
+fi
+NPROC=${NPROC:-$(default_nproc)}
