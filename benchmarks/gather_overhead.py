@@ -29,7 +29,7 @@ def measure(batch: int, steps: int) -> dict[str, float]:
 
     from model.loss import contrastive_loss
     from train.backbone import build_encoder
-    from train.config import load_config
+    from train.config_io import load_config
     from train.distributed import from_environment
 
     state = from_environment("cpu")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from train.cli import main
-from train.config import Config, load_config, parse_override
+from train.config import Config
+from train.config_io import load_config, parse_override
 from train.errors import UserError
 
 

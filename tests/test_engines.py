@@ -32,7 +32,7 @@ def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra:
 
 
 def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]]) -> dict:
-    from train.config import load_config
+    from train.config_io import load_config
     from train.distributed import from_environment
     from train.stream import read_shard
     from train.trainer import Trainer
@@ -79,3 +79,27 @@ def test_engines_at_two_ranks_match_one_rank(workdir: Path) -> None:
         # both ranks hold the same weights
         other = results[1][f"{engine}{stage}"][1]
         assert all(torch.equal(other[name], weights[name]) for name in weights), (engine, stage)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.precision=bf16", "model.gradient_checkpointing=true", "model.attn_implementation=eager"],
+    ["train.precision=bf16", "model.pooling=mean", "model.padding_side=right"],
+])
+def test_precision_checkpointing_and_attention_settings_train(tmp_path: Path, overrides: list[str]) -> None:
+    from train.config_io import load_config
+    from train.distributed import from_environment
+    from train.trainer import Trainer
+
+    config = load_config(None, [*tiny_config(tmp_path, "plain", -1, 1), "loss.learn_temperature=false", *overrides])
+    trainer = Trainer(config, from_environment("cpu"))
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    shard = Path(config.data.dir) / trainer.manifest["shards"][0]["name"]
+    from train.stream import read_shard
+    samples = list(read_shard(str(shard)))[:GLOBAL_BATCH]
+    loss = trainer.train_step(trainer.prompts(samples))
+    assert loss == loss and loss > 0
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed)
+    if "model.gradient_checkpointing=true" in overrides:
+        assert trainer.encoder.backbone.base_model.model.is_gradient_checkpointing

@@ -98,7 +98,7 @@ def test_sigterm_checkpoints_and_resume_replays_the_losses(tmp_path: Path) -> No
 
 
 def deepspeed_run(rank: int, world_size: int, cfg: str, stop_after: int | None) -> dict[int, float] | None:
-    from train.config import load_config
+    from train.config_io import load_config
     from train.distributed import from_environment
     from train.trainer import Trainer
 

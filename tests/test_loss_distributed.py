@@ -12,7 +12,7 @@ from model.loss import (Temperature, candidate_scores, contrastive_loss, pairwis
                         triplet_loss, user_contrastive_loss)
 from multiproc import run_ranks
 from train.backbone import build_encoder
-from train.config import load_config
+from train.config_io import load_config
 
 GLOBAL_BATCH = 8
 VOCAB = 64

@@ -10,7 +10,7 @@ from model.encoder import RecEncoder
 from model.pooling import last_token, mean_tokens, position_ids
 from train.backbone import build_encoder
 from train.collate import pad
-from train.config import load_config
+from train.config_io import load_config
 from train.errors import UserError
 
 TINY = [

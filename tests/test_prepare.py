@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from train.config import load_config
+from train.config_io import load_config
 from train.errors import UserError
 from train.prepare import is_prepared, prepare
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from torch.utils.data import DataLoader
 
-from train.config import load_config
+from train.config_io import load_config
 from train.prepare import prepare
 from train.stream import TrainStream, expand_urls, read_shard
 

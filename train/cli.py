@@ -10,7 +10,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from train.config import Config, describe_keys, load_config
+import torch.distributed
+
+from train.config import Config
+from train.config_io import describe_keys, load_config
 from train.errors import UserError
 
 DESCRIPTION = """\
@@ -91,7 +94,9 @@ def run(command: str, config: Config) -> int:
     try:
         if command == "train":
             trainer.setup()
-            trainer.train()
+            if trainer.train() is None:
+                print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
+                return 0
         else:
             trainer.setup_data()
             trainer.setup_model()
@@ -126,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rectrain: interrupted", file=sys.stderr)
         return 130
+    except torch.distributed.DistError as err:
+        # A peer died or hung: say so in one line instead of a wall of C++ frames; the launcher
+        # (torchrun, srun --kill-on-bad-exit) reports which rank failed first.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"rectrain: error: rank {os.environ.get('RANK', '?')}: a collective failed, another rank died or hung: "
+              f"{first}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

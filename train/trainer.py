@@ -25,7 +25,8 @@ from model.objective import Objective
 from train import checkpoint, prepare
 from train.backbone import build_encoder
 from train.collate import Catalog, PromptEncoder
-from train.config import Config, save_config
+from train.config import Config
+from train.config_io import save_config
 from train.distributed import DistState
 from train.engines import Engine, RecModel, choose, init_process_group
 from train.evaluate import evaluate, format_table
