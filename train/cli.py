@@ -95,7 +95,8 @@ def run(command: str, config: Config) -> int:
         if command == "train":
             trainer.setup()
             if trainer.train() is None:
-                print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
+                if dist.is_main:
+                    print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
                 return 0
         else:
             trainer.setup_data()

@@ -59,6 +59,7 @@ class Trainer:
         self.step = 0
         self.batches_consumed = 0
         self.stop_signal: int | None = None
+        self.previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
@@ -97,6 +98,9 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step: process group, data, model, engine, resume, loader."""
         config = self.config
+        # From here on a stop signal is remembered and honoured at the next step boundary, so a
+        # preemption warning that arrives during setup still ends in a checkpoint, not a kill.
+        self.previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         init_process_group(self.dist, config.train.collective_timeout)
         engine_class = choose(config, self.dist)
         self.setup_data()
@@ -165,7 +169,6 @@ class Trainer:
         a checkpoint and returns None; `resume: auto` continues from it."""
         config, tc = self.config, self.config.train
         main = self.dist.is_main
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         metrics_path = self.run_dir / "metrics.jsonl"
         window: dict[str, float] = {"start": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
@@ -200,8 +203,6 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         self.save()
         metrics = self.evaluate(config.eval.split)
         if main:
@@ -268,5 +269,7 @@ class Trainer:
 
     def close(self) -> None:
         self.loader = None  # type: ignore[assignment]
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -37,7 +37,7 @@ log/slurmctld.log and log/slurmd.log are where to look when something fails.
 Requeued jobs: Slurm holds a requeued job pending until now + AuthInfo cred_expire + 1 s
 (cred_expire is 120 s by default); this cluster sets cred_expire=${CRED_EXPIRE_S}
 (RECTRAIN_SLURM_CRED_EXPIRE_S) and schedules every second, so a job requeued after a
-preemption warning starts again about ${CRED_EXPIRE_S} s later.
+preemption warning starts again $((CRED_EXPIRE_S + 1))-$((CRED_EXPIRE_S + 2)) s later.
 
 Then, for example:
   sbatch --ntasks-per-node=2 launch/slurm/train.sbatch configs/debug.yaml device=cpu
@@ -47,10 +47,21 @@ EOF
 log() { echo "local_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-need_root() { [ "$(id -u)" = 0 ] || die "run as root (it installs packages and starts daemons)"; }
+need_root() {  # re-runs this script with sudo when that needs no password
+    [ "$(id -u)" = 0 ] && return 0
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        exec sudo -n --preserve-env=RECTRAIN_SLURM_DIR,RECTRAIN_SLURM_WAIT_S,RECTRAIN_SLURM_CRED_EXPIRE_S \
+            bash "$0" "$@"
+    fi
+    die "run as root (it installs packages and starts daemons)"
+}
 
-alive() {  # alive PIDFILE: whether the process named in it runs
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE NAME: whether the process named in PIDFILE runs and is NAME (not a zombie)
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] \
+        && ! grep -q '^[^)]*) Z' "/proc/$pid/stat" 2>/dev/null
 }
 
 install_packages() {
@@ -166,10 +177,10 @@ stop_daemons() {
     local name pidfile
     for name in slurmd slurmctld; do
         pidfile=$STATE_DIR/run/$name.pid
-        if alive "$pidfile"; then
-            kill "$(cat "$pidfile")" 2>/dev/null || true
-            for _ in $(seq 100); do alive "$pidfile" || break; sleep 0.1; done
-            alive "$pidfile" && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+        if alive "$pidfile" "$name"; then
+            kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
+            for _ in $(seq 100); do alive "$pidfile" "$name" || break; sleep 0.1; done
+            alive "$pidfile" "$name" && kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
         fi
         rm -f "$pidfile"
     done
@@ -177,14 +188,14 @@ stop_daemons() {
 
 stop_munge() {
     local pidfile=/run/munge/munged.pid
-    if alive "$pidfile"; then
-        kill "$(cat "$pidfile")" 2>/dev/null || true
-        for _ in $(seq 50); do alive "$pidfile" || break; sleep 0.1; done
+    if alive "$pidfile" munged; then
+        kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
+        for _ in $(seq 50); do alive "$pidfile" munged || break; sleep 0.1; done
     fi
 }
 
 start() {
-    need_root
+    need_root start
     install_packages
     start_munge
     mkdir -p "$STATE_DIR"/{state,spool,run,log} /etc/slurm
@@ -197,7 +208,7 @@ start() {
         printf '%s\n' "$new" >"$SLURM_CONF"
         stop_daemons  # running with the old config
     fi
-    if ! alive "$STATE_DIR/run/slurmctld.pid"; then
+    if ! alive "$STATE_DIR/run/slurmctld.pid" slurmctld; then
         slurmctld || die "slurmctld did not start (see $STATE_DIR/log/slurmctld.log)"
     fi
     local deadline=$((SECONDS + WAIT_S))
@@ -205,7 +216,7 @@ start() {
         [ $SECONDS -lt $deadline ] || die "slurmctld does not answer (see $STATE_DIR/log/slurmctld.log)"
         sleep 0.5
     done
-    if ! alive "$STATE_DIR/run/slurmd.pid"; then
+    if ! alive "$STATE_DIR/run/slurmd.pid" slurmd; then
         slurmd || die "slurmd did not start (see $STATE_DIR/log/slurmd.log)"
     fi
     local state
@@ -224,7 +235,7 @@ start() {
 }
 
 stop() {
-    need_root
+    need_root stop
     stop_daemons
     stop_munge
     echo "local_cluster: stopped"
