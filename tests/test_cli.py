@@ -105,3 +105,24 @@ def test_bad_override_is_one_line_exit_2(tmp_path: Path, override: str, key: str
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"rectrain: error: {key}")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "data").exists()
+
+
+def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "best")
+    done = rectrain("train", str(config), "train.eval_every=3", "train.keep_last=1", "eval.k=[5, 10]", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "best"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = {r["step"]: r["valid/ndcg@10"] for r in rows if "valid/ndcg@10" in r}
+    assert sorted(valid) == [3, 6, 8]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    best_step = max(valid, key=lambda s: (valid[s], -s))  # the first of equal values is kept
+    assert best == {"checkpoint": f"step-{best_step}", "metric": "ndcg@10", "value": valid[best_step]}
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == sorted({f"step-{best_step}", "step-8"})  # keep_last=1 never deletes the best
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == f"step-{best_step}"
+    for block in (metrics, metrics["popularity"], metrics["with_history"], metrics["with_history"]["popularity"]):
+        assert {"recall@5", "ndcg@5", "mrr@5", "hr@5", "recall@10", "ndcg@10", "mrr@10", "hr@10"} <= set(block)
+    # keeping the history in the ranking can only push targets down
+    assert metrics["with_history"]["popularity"]["recall@10"] <= metrics["popularity"]["recall@10"]

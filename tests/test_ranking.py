@@ -77,16 +77,17 @@ def test_metric_sums_by_hand() -> None:
     assert sums["recall@5"] == 3.0
     assert sums["ndcg@5"] == pytest.approx(1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(4))
     assert sums["mrr@5"] == pytest.approx(1 / 2 + 1 / 5 + 1 / 3)
-    assert set(sums) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (1, 2, 3, 5)}
+    assert set(sums) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hr") for k in (1, 2, 3, 5)}
+    assert all(sums[f"hr@{k}"] == sums[f"recall@{k}"] for k in (1, 2, 3, 5))  # one target per user
 
 
 def test_metric_single_ranks() -> None:
-    assert metric_sums(torch.tensor([0]), [10]) == {"recall@10": 1.0, "ndcg@10": 1.0, "mrr@10": 1.0}
+    assert metric_sums(torch.tensor([0]), [10]) == {"recall@10": 1.0, "hr@10": 1.0, "ndcg@10": 1.0, "mrr@10": 1.0}
     two = metric_sums(torch.tensor([2]), [10])
     assert two["ndcg@10"] == pytest.approx(0.5)  # 1 / log2(4)
     assert two["mrr@10"] == pytest.approx(1 / 3)
     # rank == k is outside the top k
-    assert metric_sums(torch.tensor([10]), [10]) == {"recall@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
+    assert metric_sums(torch.tensor([10]), [10]) == {"recall@10": 0.0, "hr@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
 
 
 def test_rank_in_chunks_means() -> None:
@@ -105,13 +106,13 @@ def test_rank_in_chunks_means() -> None:
 
 
 @pytest.mark.parametrize("exclude", [None, HISTORY])
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_chunked_equals_unchunked(chunk: int, exclude: list[list[int]] | None) -> None:
+@pytest.mark.parametrize("chunk, item_chunk", [(1, 1), (2, 4), (1, 5), (3, 2)])
+def test_chunked_equals_unchunked(chunk: int, item_chunk: int, exclude: list[list[int]] | None) -> None:
     generator = torch.Generator().manual_seed(0)
     users = torch.randn(3, 4, generator=generator)
     items = torch.randn(6, 4, generator=generator)
     whole = rank_in_chunks(users, items, TARGETS, exclude, [1, 2, 5])
-    chunked = rank_in_chunks(users, items, TARGETS, exclude, [1, 2, 5], chunk=chunk)
+    chunked = rank_in_chunks(users, items, TARGETS, exclude, [1, 2, 5], user_chunk=chunk, item_chunk=item_chunk)
     assert chunked.keys() == whole.keys()
     for key in whole:
         assert chunked[key] == pytest.approx(whole[key], abs=1e-12)

@@ -8,6 +8,7 @@ the new checkpoint reachable, never a torn one.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -24,7 +25,7 @@ from train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR, HEAD_FILE, STATE_FILE, LATEST = "adapter", "head.safetensors", "trainer_state.pt", "latest"
+ADAPTER_DIR, HEAD_FILE, STATE_FILE, LATEST, BEST = "adapter", "head.safetensors", "trainer_state.pt", "latest", "best.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,11 +62,32 @@ def publish(run_dir: Path, step: int, keep_last: int) -> Path:
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name + "\n")
     pointer.replace(root / LATEST)
-    steps = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        if old != step:
-            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    prune(run_dir, keep_last)
     return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all checkpoints but the newest `keep_last` and the best (0 keeps everything)."""
+    root = run_dir / "checkpoints"
+    steps = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
+    best = read_best(run_dir)
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if best is None or best["checkpoint"] != f"step-{old}":
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """{"checkpoint": "step-N", "metric": ..., "value": ...} of the best validated checkpoint, if any."""
+    path = run_dir / "checkpoints" / BEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_best(run_dir: Path, step: int, metric: str, value: float) -> None:
+    """Name checkpoint `step` the best (atomically); pruning keeps it from then on."""
+    path = run_dir / "checkpoints" / BEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoint": f"step-{step}", "metric": metric, "value": value}) + "\n")
+    tmp.replace(path)
 
 
 def latest(run_dir: Path) -> Path | None:

@@ -254,11 +254,16 @@ class EvalConfig:
     split: str = doc("test", "valid | test")
     k: list[int] = doc([10], "cut-offs for Recall/NDCG/MRR")
     batch_size: int = doc(128, "prompts per encoding batch")
-    exclude_history: bool = doc(True, "remove items already in the user's history from the ranking")
+    best_metric: str = doc("", "validation metric (history excluded) picking the best checkpoint; empty = ndcg@<first k>")
+    use_best: bool = doc(True, "evaluate the best validated checkpoint at the end (when train.eval_every > 0)")
 
     def __post_init__(self) -> None:
         _one_of(self.split, "eval.split", ("valid", "test"))
         _check(bool(self.k) and all(k >= 1 for k in self.k), "eval.k", "must be a non-empty list of ints >= 1")
+        self.best_metric = self.best_metric or f"ndcg@{self.k[0]}"
+        name, _, cutoff = self.best_metric.partition("@")
+        _check(name in ("recall", "ndcg", "mrr", "hr") and cutoff.isdigit() and int(cutoff) in self.k,
+               "eval.best_metric", f"must be recall|ndcg|mrr|hr@K with K in eval.k={self.k} (got {self.best_metric!r})")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 

@@ -1,4 +1,6 @@
-"""Evaluation: encode the catalog and held-out users, rank every item, report metrics."""
+"""Evaluation: encode the catalog and held-out users (sharded over ranks), rank every item,
+report metrics with the user's history excluded (top level) and kept (`with_history`, the way
+RecBole-style numbers are reported)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from model.encoder import RecEncoder
+from model.gather import gather_no_grad, world
 from train.collate import PromptEncoder
 from train.config import Config
 from train.ranking import rank_in_chunks
@@ -24,12 +28,28 @@ def encode(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[i
     for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = order[begin:begin + batch_size]
         ids, mask = prompts.pad([token_lists[i] for i in rows])
-        vectors = encoder(ids.to(device), mask.to(device)).float().cpu()
+        vectors = encoder(ids.to(device), mask.to(device)).float()
         if out is None:
-            out = torch.empty(len(order), vectors.shape[1])
-        out[torch.tensor(rows)] = vectors
+            out = torch.empty(len(order), vectors.shape[1], device=device)
+        out[torch.tensor(rows, device=device)] = vectors
     assert out is not None
     return out
+
+
+def encode_sharded(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[int]], batch_size: int,
+                   device: torch.device, desc: str, show_progress: bool) -> torch.Tensor:
+    """`encode` with the rows split over the ranks and the embeddings gathered on every rank.
+
+    Every rank gets the same number of rows (the last ones repeated), so every rank runs the
+    same number of forward passes: ZeRO-3 gathers weights inside each forward and would hang
+    on a rank that ran one fewer."""
+    rank, size = world(None)
+    if size == 1:
+        return encode(encoder, prompts, token_lists, batch_size, device, desc, show_progress).cpu()
+    per_rank = -(-len(token_lists) // size)
+    mine = [token_lists[min(i, len(token_lists) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    local = encode(encoder, prompts, mine, batch_size, device, desc, show_progress)
+    return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
 
 
 def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
@@ -39,24 +59,26 @@ def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
 
 def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device: torch.device,
              split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Model and popularity metrics on `split` (default: eval.split), history excluded if configured."""
+    """Model and popularity metrics on `split` (default: eval.split), history excluded and kept."""
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
     was_training = encoder.training
     encoder.eval()
-    catalog_size = len(prompts.catalog)
-    items = encode(encoder, prompts, prompts.item_tokens(range(catalog_size)), config.eval.batch_size, device,
-                   "encode catalog", show_progress)
+    items = encode_sharded(encoder, prompts, prompts.item_tokens(range(len(prompts.catalog))), config.eval.batch_size,
+                           device, "encode catalog", show_progress)
     histories = [h[-config.data.max_history:] for h in rows["history"]]
-    users = encode(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
-                   "encode users", show_progress)
+    users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
+                           "encode users", show_progress)
     encoder.train(was_training)
     targets = torch.tensor(rows["target"], dtype=torch.long)
-    exclude = rows["history"] if config.eval.exclude_history else None
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
-    metrics.update(rank_in_chunks(users, items, targets, exclude, ks))
-    metrics["popularity"] = popularity(prompts, targets, exclude, ks)
+    metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks))
+    metrics["popularity"] = popularity(prompts, targets, rows["history"], ks)
+    metrics["with_history"] = rank_in_chunks(users, items, targets, None, ks)
+    metrics["with_history"]["popularity"] = popularity(prompts, targets, None, ks)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return metrics
 
 
@@ -68,10 +90,12 @@ def popularity(prompts: PromptEncoder, targets: torch.Tensor, exclude: list[list
 
 
 def format_table(metrics: dict[str, Any], ks: list[int]) -> str:
-    """A small text table: rectrain beside popularity."""
+    """A small text table: rectrain beside popularity, history excluded and kept."""
     keys = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
     header = f"{metrics['split']} ({metrics['users']} users)"
-    lines = [f"{header:<24}" + "".join(f"{k:>12}" for k in keys)]
-    lines.append(f"{'rectrain':<24}" + "".join(f"{metrics[k]:>12.4f}" for k in keys))
-    lines.append(f"{'popularity':<24}" + "".join(f"{metrics['popularity'][k]:>12.4f}" for k in keys))
+    lines = [f"{header:<32}" + "".join(f"{k:>12}" for k in keys)]
+    for label, source in (("rectrain", metrics), ("popularity", metrics["popularity"]),
+                          ("rectrain, history kept", metrics["with_history"]),
+                          ("popularity, history kept", metrics["with_history"]["popularity"])):
+        lines.append(f"{label:<32}" + "".join(f"{source[k]:>12.4f}" for k in keys))
     return "\n".join(lines)

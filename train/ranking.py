@@ -1,4 +1,4 @@
-"""Full-catalog ranking metrics: Recall, NDCG and MRR at K, from scores and held-out targets."""
+"""Full-catalog ranking metrics: Recall, NDCG, MRR and HR at K, from scores and held-out targets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-METRICS = ("recall", "ndcg", "mrr")
+METRICS = ("recall", "ndcg", "mrr", "hr")
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
@@ -37,19 +37,50 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     for k in ks:
         hit = ranks < k
         out[f"recall@{k}"] = float(hit.sum())
+        out[f"hr@{k}"] = out[f"recall@{k}"]  # one held-out item per user: a hit is full recall
         out[f"ndcg@{k}"] = float((hit / torch.log2(ranks + 2)).sum())
         out[f"mrr@{k}"] = float((hit / (ranks + 1)).sum())
     return out
 
 
 def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
-                   exclude: Sequence[Sequence[int]] | None, ks: Sequence[int], chunk: int = 1024) -> dict[str, float]:
-    """Mean metrics of inner-product ranking, scoring `chunk` users at a time."""
+                   exclude: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
+                   item_chunk: int = 32768) -> dict[str, float]:
+    """Mean metrics of inner-product ranking over the whole catalog.
+
+    Only each target's rank is needed, and it is a count (items scoring above the target), so
+    the catalog is scored in blocks of `user_chunk` x `item_chunk` and the counts added up:
+    memory stays at one block whatever the catalog and user counts.
+    """
     totals: dict[str, float] = {}
-    for begin in range(0, len(targets), chunk):
-        end = begin + chunk
-        scores = user_embeddings[begin:end] @ item_embeddings.T
-        ranks = target_ranks(scores, targets[begin:end], exclude[begin:end] if exclude is not None else None)
-        for key, value in metric_sums(ranks, ks).items():
+    n_items = item_embeddings.shape[0]
+    for begin in range(0, len(targets), user_chunk):
+        queries = user_embeddings[begin:begin + user_chunk]
+        chunk_targets = targets[begin:begin + user_chunk]
+        rows = torch.arange(len(chunk_targets))
+        target_scores = (queries * item_embeddings[chunk_targets]).sum(dim=-1)
+        pairs = _exclusion_pairs(exclude[begin:begin + user_chunk], chunk_targets) if exclude is not None else None
+        ahead = torch.zeros(len(chunk_targets), dtype=torch.long)
+        for low in range(0, n_items, item_chunk):
+            high = min(low + item_chunk, n_items)
+            scores = queries @ item_embeddings[low:high].T
+            if pairs is not None:
+                inside = (pairs[1] >= low) & (pairs[1] < high)
+                scores[pairs[0][inside], pairs[1][inside] - low] = float("-inf")
+            index = torch.arange(low, high)
+            beats = (scores > target_scores[:, None]) | \
+                ((scores == target_scores[:, None]) & (index[None, :] < chunk_targets[:, None]))
+            in_block = (chunk_targets >= low) & (chunk_targets < high)
+            beats[rows[in_block], chunk_targets[in_block] - low] = False  # the target never beats itself
+            ahead += beats.sum(dim=1)
+        for key, value in metric_sums(ahead, ks).items():
             totals[key] = totals.get(key, 0.0) + value
     return {key: value / max(len(targets), 1) for key, value in totals.items()}
+
+
+def _exclusion_pairs(histories: Sequence[Sequence[int]], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) of every history item to remove from a row's ranking; the target is kept."""
+    rows = torch.tensor([u for u, items in enumerate(histories) for _ in items], dtype=torch.long)
+    items = torch.tensor([i for items in histories for i in items], dtype=torch.long)
+    keep = items != targets[rows] if len(rows) else torch.zeros(0, dtype=torch.bool)
+    return rows[keep], items[keep]

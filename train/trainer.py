@@ -194,21 +194,54 @@ class Trainer:
                     window = {"start": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
                 bar.update(1)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                    valid = self.evaluate("valid", show_progress=False)
-                    if main:
-                        with metrics_path.open("a") as handle:
-                            handle.write(json.dumps({"step": self.step, **{f"valid/{k}": v for k, v in valid.items()
-                                                                           if k != "popularity"}}) + "\n")
-                if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
+                    self.validate()
+                elif tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
                     self.save()
         finally:
             bar.close()
-        self.save()
+        if tc.eval_every:
+            self.validate()
+        else:
+            self.save()
+        best = checkpoint.read_best(self.run_dir)
+        if config.eval.use_best and best is not None and best["checkpoint"] != f"step-{self.step}":
+            self.load_weights(self.run_dir / "checkpoints" / best["checkpoint"])
+            log.info("final evaluation of the best checkpoint, %s (valid %s %.4f)", best["checkpoint"], best["metric"],
+                     best["value"])
         metrics = self.evaluate(config.eval.split)
+        if best is not None:
+            metrics["checkpoint"] = best["checkpoint"] if config.eval.use_best else f"step-{self.step}"
         if main:
             write_json_atomic(self.run_dir / "metrics.json", metrics)
             print(format_table(metrics, config.eval.k), flush=True)
         return metrics
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics, logged to metrics.jsonl; checkpoints this step and names it the best
+        when eval.best_metric improved."""
+        valid = self.evaluate("valid", show_progress=False)
+        metric = self.config.eval.best_metric
+        if self.dist.is_main:
+            with (self.run_dir / "metrics.jsonl").open("a") as handle:
+                row = {f"valid/{k}": v for k, v in valid.items() if k not in ("popularity", "with_history", "split")}
+                handle.write(json.dumps({"step": self.step, **row}) + "\n")
+        self.save()
+        best = checkpoint.read_best(self.run_dir)
+        if best is None or valid[metric] > best["value"]:
+            if self.dist.is_main:
+                checkpoint.write_best(self.run_dir, self.step, metric, valid[metric])
+                checkpoint.prune(self.run_dir, self.config.train.keep_last)  # the previous best may go now
+            log.info("step %d: valid %s %.4f, the best so far", self.step, metric, valid[metric])
+        barrier()
+        return valid
+
+    def load_weights(self, path: Path) -> None:
+        """Only the trained weights of checkpoint `path` (the best one, for the final evaluation)."""
+        if self.engine.weights_in_engine_state:
+            self.engine.load_state(path, {})
+        else:
+            checkpoint.load_weights(path, self.encoder)
+            self.model.objective.load_state_dict(checkpoint.load_state(path)["objective"])
 
     def _log(self, window: dict[str, float], path: Path, bar: tqdm) -> None:
         """One row of metrics.jsonl. The loss is this rank's mean over the window (rank 0 writes)."""
