@@ -71,7 +71,7 @@ def test_unknown_nested_key_is_named_with_its_section() -> None:
 
 def test_unknown_deeply_nested_key_is_named() -> None:
     message = _error(["data.columns.usr=who"])
-    assert message.startswith("data.columns.usr: unknown key (known: item, timestamp, user)")
+    assert message.startswith("data.columns.usr: unknown key (known: item, rating, timestamp, user)")
 
 
 def test_unknown_key_in_yaml_file_is_named(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("eval.k=[0]", "eval.k: must be a non-empty list of ints >= 1"),
     ("eval.k=[]", "eval.k: must be a non-empty list of ints >= 1"),
     ("eval.split=train", "eval.split: must be one of valid, test (got 'train')"),
-    ("data.format=xml", "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic (got 'xml')"),
+    ("data.format=xml", "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic, movielens, amazon, unisrec (got 'xml')"),
     ("data.unknown_items=keep", "data.unknown_items: must be one of drop, fail (got 'keep')"),
     ("data.max_history=0", "data.max_history: must be >= 1"),
     ("data.shard_size=0", "data.shard_size: must be >= 1"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel
@@ -32,8 +34,11 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
     return AutoModel.from_config(hf_config, dtype=dtype, attn_implementation=config.attn_implementation)
 
 
-def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int) -> RecEncoder:
-    """Backbone + LoRA (base weights frozen) + pooling + optional projection."""
+def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int,
+                  trained_tokens: list[int] = ()) -> RecEncoder:  # type: ignore[assignment]
+    """Backbone + LoRA (base weights frozen) + pooling + optional projection.
+
+    `trained_tokens`: token ids whose input embeddings are trained too (the item tokens)."""
     torch.manual_seed(seed)
     try:
         backbone = load_backbone(config, vocab_size, pad_token_id)
@@ -43,6 +48,9 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         # Non-reentrant checkpointing lets gradients reach LoRA weights although the frozen
         # embeddings' outputs do not require grad.
         getattr(backbone, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embeddings: Any = getattr(backbone, "get_input_embeddings")()
+    if trained_tokens and embeddings.num_embeddings < vocab_size:
+        getattr(backbone, "resize_token_embeddings")(vocab_size)  # a pretrained vocabulary plus the item tokens
     present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
     missing = [m for m in config.lora.target_modules if m not in present]
     if missing:
@@ -50,7 +58,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                         f"(it has e.g. {', '.join(sorted(n for n in present if 'proj' in n or 'dense' in n)[:8])})")
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules),
-                      modules_to_save=list(config.lora.modules_to_save) or None)
+                      modules_to_save=list(config.lora.modules_to_save) or None,
+                      trainable_token_indices=list(trained_tokens) or None)
     adapted = get_peft_model(backbone, lora)
     hidden = int(getattr(backbone.config, "hidden_size"))
     encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim)

@@ -30,8 +30,9 @@ Run `rectrain <command> --help` for what each command does and every config key.
 
 COMMANDS = {
     "prepare": ("turn an interaction log and a catalog into training shards",
-                "Reads data.interactions and data.catalog (data.format: csv, tsv, parquet, jsonl, atomic; or\n"
-                "synthetic, which generates them), orders each user's interactions by time, holds out the\n"
+                "Reads data.interactions and data.catalog (data.format: movielens, amazon, unisrec, atomic\n"
+                "(RecBole), csv, tsv, parquet, jsonl; or synthetic, which generates them), optionally keeps\n"
+                "ratings >= data.min_rating and a data.k_core, orders each user's interactions by time, holds out the\n"
                 "last item (test) and the one before it (valid), and writes data.dir: shards/*.tar\n"
                 "(WebDataset, ids only), catalog.parquet, splits/{valid,test}.parquet, manifest.json."),
     "train": ("train an encoder, then evaluate it (prepares the data first if needed)",

@@ -30,7 +30,7 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
 
 
-DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic")
+DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic", "movielens", "amazon", "unisrec")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class InteractionColumns:
     user: str = doc("user_id", "user id column")
     item: str = doc("item_id", "item id column")
     timestamp: str = doc("timestamp", "time column (numeric, or ISO-8601 text)")
+    rating: str = doc("rating", "rating column, read only when data.min_rating is set")
 
 
 @dataclass
@@ -78,10 +79,16 @@ class DataConfig:
 
     dir: str = doc("data/debug", "prepared data directory (shards, catalog, splits, manifest)")
     shards: str = doc("", "training shard URLs overriding the manifest's: paths, brace patterns, pipe: commands")
-    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole)")
+    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole) | movielens "
+                                   "(100K, 1M/10M, latest; detected) | amazon (2018, 2023; detected) | unisrec")
     interactions: str = doc("", "interaction log file (any format but synthetic)")
     catalog: str = doc("", "item catalog file (any format but synthetic)")
-    columns: InteractionColumns = doc(InteractionColumns(), "interaction column names")
+    min_rating: float = doc(float("-inf"), "keep only interactions rated at least this (needs ratings); "
+                                           "-.inf = keep all")
+    k_core: int = doc(0, "k-core: drop users and items with fewer than k interactions, repeatedly, until all "
+                         "left have k (catalog items outside the core go too); 0 = off")
+    columns: InteractionColumns = doc(InteractionColumns(), "interaction column names (the named formats, "
+                                                            "movielens, amazon, unisrec, have their own)")
     catalog_columns: CatalogColumns = doc(CatalogColumns(), "catalog column names")
     max_history: int = doc(20, "most recent items kept as a training sample's history")
     unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
@@ -96,6 +103,11 @@ class DataConfig:
         if self.format != "synthetic":
             _check(bool(self.interactions), "data.interactions", f"required when data.format={self.format}")
             _check(bool(self.catalog), "data.catalog", f"required when data.format={self.format}")
+        _check(self.min_rating == self.min_rating,  # NaN is the one float unequal to itself
+               "data.min_rating", "must be a number or -.inf (got .nan)")
+        _check(not (self.format == "synthetic" and self.min_rating > float("-inf")), "data.min_rating",
+               "the synthetic log has no ratings")
+        _check(self.k_core >= 0, "data.k_core", "must be >= 0 (0 = off)")
         _check(self.max_history >= 1, "data.max_history", "must be >= 1")
         _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -110,7 +122,9 @@ class PromptConfig:
     instruction: str = doc("Given the items a user interacted with, most recent last, represent the user.",
                            "instruction placed before the user's history")
     user_template: str = doc("{instruction}\n{history}", "user prompt; fields: {instruction}, {history}")
-    item_template: str = doc("{title}", "item text; fields: any catalog text field, e.g. {title}")
+    item_template: str = doc("{title}", "item text; fields: any catalog text field, e.g. {title}; {item_token} "
+                                         "with model.item_tokens")
+    history_item_template: str = doc("", "how an item appears inside a user's history; empty = item_template")
     history_separator: str = doc("\n", "separator between history items")
     max_user_tokens: int = doc(256, "user prompts longer than this lose their oldest tokens")
     max_item_tokens: int = doc(48, "item texts longer than this lose their last tokens")
@@ -155,6 +169,8 @@ class ModelConfig:
     pooling: str = doc("last", "last | mean: how token states become one vector")
     padding_side: str = doc("left", "left | right")
     projection_dim: int = doc(0, "size of a trained linear projection after pooling; 0 = none")
+    item_tokens: bool = doc(False, "give every catalog item a token of its own ({item_token} in the prompt "
+                                   "templates) with a trained embedding: collaborative signal next to the text")
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")

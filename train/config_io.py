@@ -15,12 +15,26 @@ import yaml
 from train.config import Config, _check
 from train.errors import UserError
 
+
+@dataclasses.dataclass(frozen=True)
+class CommandLineValue:
+    """An override's text, read as YAML only where the key is not a string: so that
+    `prompt.item_template={title} by {brand}` stays the text it is."""
+
+    key: str
+    text: str
+
+
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    if isinstance(value, CommandLineValue):
+        if tp is str:
+            return value.text
+        value = parse_override(f"{value.key}={value.text}")[1]
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
@@ -31,7 +45,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return dict(value)
+        return {k: parse_override(f"{v.key}={v.text}")[1] if isinstance(v, CommandLineValue) else v
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -39,6 +54,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
         # YAML 1.1 reads exponent notation without a dot (lr: 1e-4) as a string.
         return float(value)
+    if tp is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf"):
+        return float(value)  # as --help prints them; YAML's own spelling is .inf
     if tp is str and value is None:
         return ""
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -103,8 +120,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
             raise UserError(f"{path}: the top level must be a mapping of config keys")
         tree = loaded or {}
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        key, _ = parse_override(text) if "=" not in text else (text.partition("=")[0], None)
+        if not key or any(not p for p in key.split(".")):
+            raise UserError(f"{text!r}: overrides are dotted keys, e.g. train.max_steps=10")
+        _set_dotted(tree, key, CommandLineValue(key, text.partition("=")[2]))
     return _build(Config, tree)
 
 

@@ -1,8 +1,10 @@
 """`rectrain prepare`: raw interactions + catalog -> WebDataset shards, catalog, splits, manifest.
 
-Per user, interactions are ordered by time (ties keep file order). Leave-one-out: the last item
-is the test target, the one before it the validation target, the rest are training; users
-with fewer than 3 interactions only train. Every training position t >= 1 of a user becomes a
+Interactions whose item is not in the catalog are dropped; then, when asked, those rated below
+`data.min_rating`, then all outside the `data.k_core`-core (train.filters). Per user,
+interactions are ordered by time (ties keep file order). Leave-one-out: the last item is the
+test target, the one before it the validation target, the rest are training; users with fewer
+than 3 interactions only train. Every training position t >= 1 of a user becomes a
 sample (history = the previous `max_history` items, target = item t). Shards carry catalog
 indices only; text is rendered at load time. Everything is written into a temporary directory
 renamed over `data.dir` at the end, so a failed prepare leaves nothing half-written.
@@ -17,6 +19,7 @@ import logging
 import shutil
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from train import readers, synthetic
+from train import filters, formats, readers, synthetic
 from train.config import Config
 from train.errors import UserError
 
@@ -48,6 +51,11 @@ def fingerprint(config: Config) -> dict[str, Any]:
         fields.update(columns=asdict(data.columns), catalog_columns=asdict(data.catalog_columns),
                       unknown_items=data.unknown_items,
                       files={"interactions": _file_stamp(data.interactions), "catalog": _file_stamp(data.catalog)})
+    # Only when on, so that directories prepared before these keys existed stay valid.
+    if data.min_rating > float("-inf"):
+        fields["min_rating"] = data.min_rating
+    if data.k_core:
+        fields["k_core"] = data.k_core
     return fields
 
 
@@ -74,48 +82,84 @@ def is_prepared(config: Config) -> bool:
 
 # ---------------------------------------------------------------------------- reading
 
-def _load_catalog(config: Config) -> pa.Table:
-    data = config.data
-    id_col, text_cols = data.catalog_columns.item, data.catalog_columns.text
-    table = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(text_cols)], "data.catalog")
+def _read(config: Config) -> tuple[formats.Source, formats.Source]:
+    """(interactions, catalog) under the standard column names: user_id, item_id, timestamp[, rating];
+    item_id and text fields. Named formats map their own fields; the others use data.columns.*."""
+    data, cols = config.data, config.data.columns
+    if data.format in formats.FORMATS:
+        return formats.read(data.format, data.interactions, data.catalog)
+    id_col = data.catalog_columns.item
+    catalog = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(data.catalog_columns.text)],
+                                   "data.catalog")
+    names = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.timestamp}
+    if data.min_rating > float("-inf"):
+        names["rating"] = cols.rating
+    table = readers.read_columns(data.interactions, data.format, list(dict.fromkeys(names.values())),
+                                 "data.interactions")
+
+    def lines(path: str) -> Callable[[int], str]:
+        return lambda row: readers.row_location(Path(path), data.format, row)
+
+    return (formats.Source(pa.table({name: table.column(column) for name, column in names.items()}),
+                           lines(data.interactions), names),
+            formats.Source(catalog.rename_columns(["item_id", *catalog.column_names[1:]]), lines(data.catalog),
+                           {"item_id": id_col}))
+
+
+def _checked_catalog(config: Config, source: formats.Source) -> pa.Table:
+    """item_id and the data.catalog_columns.text fields; ids present and unique."""
+    data, table = config.data, source.table
+    text_cols = list(dict.fromkeys(data.catalog_columns.text))
+    for name in text_cols:
+        if name not in table.column_names:  # only the named formats get here: read_columns checks the rest
+            fields = ", ".join(c for c in table.column_names if c != "item_id")
+            raise UserError(f"data.catalog_columns.text: data.format={data.format} catalogs have no field "
+                            f"{name!r} (fields: {fields})")
+    table = table.select(["item_id", *text_cols])
     if table.num_rows == 0:
         raise UserError(f"{data.catalog}: the catalog is empty")
-    path = Path(data.catalog)
-    empty = readers.first_empty(table.column(id_col))
+    id_name = source.name("item_id")
+    empty = readers.first_empty(table.column("item_id"))
     if empty is not None:
-        raise UserError(f"{readers.row_location(path, data.format, empty)}: empty {id_col!r}")
-    ids = table.column(id_col)
+        raise UserError(f"{source.where(empty)}: empty {id_name!r}")
+    ids = table.column("item_id")
     if pc.count_distinct(ids).as_py() != table.num_rows:
         unique = pc.unique(ids)
         counts = pc.value_counts(ids)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
         row = int(np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))[1])
-        raise UserError(f"{readers.row_location(path, data.format, row)}: item {dup!r} appears twice "
+        raise UserError(f"{source.where(row)}: item {dup!r} appears twice "
                         f"in the catalog ({len(unique)} distinct of {table.num_rows})")
-    return table.rename_columns(["item_id", *text_cols]) if id_col != "item_id" else table
+    return table
 
 
-def _load_interactions(config: Config) -> tuple[pa.Table, Path]:
-    data, cols = config.data, config.data.columns
-    names = [cols.user, cols.item, cols.timestamp]
-    table = readers.read_columns(data.interactions, data.format, names, "data.interactions")
-    path = Path(data.interactions)
-    for name in (cols.user, cols.item, cols.timestamp):  # a null time would sort silently as NaN
+def _checked_interactions(config: Config, source: formats.Source) -> pa.Table:
+    """user_id, item_id, timestamp (float64 seconds) and, with data.min_rating, rating (float64)."""
+    table, filter_ratings = source.table, config.data.min_rating > float("-inf")
+    if filter_ratings and "rating" not in table.column_names:
+        raise UserError(f"data.min_rating: {config.data.interactions} has no ratings to filter on")
+    names = ["user_id", "item_id", "timestamp", *(["rating"] if filter_ratings else [])]
+    for name in names:  # a null time would sort silently as NaN
         empty = readers.first_empty(table.column(name))
         if empty is not None:
-            raise UserError(f"{readers.row_location(path, data.format, empty)}: empty {name!r}")
-    times = readers.parse_timestamps(table.column(cols.timestamp), path, data.format, cols.timestamp)
-    return pa.table({"user_id": table.column(cols.user), "item_id": table.column(cols.item),
-                     "timestamp": pa.array(times, pa.float64())}), path
+            raise UserError(f"{source.where(empty)}: empty {source.name(name)!r}")
+    columns = {"user_id": table.column("user_id"), "item_id": table.column("item_id"),
+               "timestamp": pa.array(readers.parse_timestamps(table.column("timestamp"), source.name("timestamp"),
+                                                              source.where), pa.float64())}
+    if filter_ratings:
+        columns["rating"] = pa.array(readers.parse_numbers(table.column("rating"), source.name("rating"),
+                                                           source.where), pa.float64())
+    return pa.table(columns)
 
 
-def _sources(config: Config) -> tuple[pa.Table, pa.Table, Path | None]:
+def _sources(config: Config) -> tuple[pa.Table, pa.Table, Callable[[int], str]]:
+    """(interactions, catalog, where an interaction row is in its file)."""
     if config.data.format == "synthetic":
         interactions, catalog = synthetic.generate(config.data.synthetic, config.seed)
-        return interactions.set_column(2, "timestamp", pc.cast(interactions["timestamp"], pa.float64())), catalog, None
-    catalog = _load_catalog(config)
-    interactions, path = _load_interactions(config)
-    return interactions, catalog, path
+        return (interactions.set_column(2, "timestamp", pc.cast(interactions["timestamp"], pa.float64())), catalog,
+                lambda row: "interactions")
+    interactions, catalog = _read(config)
+    return _checked_interactions(config, interactions), _checked_catalog(config, catalog), interactions.where
 
 
 # -------------------------------------------------------------------------- splitting
@@ -157,7 +201,7 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
     """Prepare `config.data` into `config.data.dir`; return the manifest."""
     started = time.perf_counter()
     data = config.data
-    interactions, catalog, inter_path = _sources(config)
+    interactions, catalog, where = _sources(config)
     catalog_ids = catalog.column("item_id").combine_chunks()
     item_index = pc.index_in(interactions.column("item_id"), value_set=catalog_ids)
     unknown = pc.is_null(item_index)
@@ -165,12 +209,25 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
     if n_unknown:
         if data.unknown_items == "fail" or n_unknown == interactions.num_rows:
             row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
-            where = readers.row_location(inter_path, data.format, row) if inter_path else "interactions"
             what = "no interaction's item is in the catalog" if n_unknown == interactions.num_rows else \
                 "item not in the catalog (data.unknown_items=drop skips such rows)"
-            raise UserError(f"{where}: {what}: {interactions.column('item_id')[row].as_py()!r}")
+            raise UserError(f"{where(row)}: {what}: {interactions.column('item_id')[row].as_py()!r}")
         log.warning("dropped %d interactions whose item is not in the catalog", n_unknown)
     interactions = interactions.append_column("item_index", item_index).filter(pc.invert(unknown))
+    interactions, items_kept, filtered = filters.filter_log(interactions, catalog.num_rows, data.min_rating,
+                                                            data.k_core)
+    if items_kept is not None:  # the k-core's catalog: renumber the items it keeps
+        new_index = np.cumsum(items_kept) - 1
+        catalog = catalog.filter(pa.array(items_kept))
+        interactions = interactions.set_column(
+            interactions.column_names.index("item_index"), "item_index",
+            pa.array(new_index[interactions.column("item_index").to_numpy(zero_copy_only=False)]))
+    if filtered["min_rating"] is not None:
+        log.info("data.min_rating=%g removed %d interactions", data.min_rating, filtered["removed_by_min_rating"])
+    if data.k_core:
+        log.info("data.k_core=%d removed %d interactions, %d users and %d catalog items (rounds: %d)", data.k_core,
+                 filtered["removed_by_k_core_interactions"], filtered["k_core_users_removed"],
+                 filtered["k_core_items_removed"], filtered["k_core_iterations"])
 
     user_ids, bounds, items = _sequences(interactions)
     n_items = catalog.num_rows
@@ -225,6 +282,7 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
             "counts": {"users": len(user_ids), "items": n_items, "interactions": int(len(items)),
                        "dropped_unknown_items": n_unknown, "train_samples": len(positions),
                        "valid_users": len(split_rows["valid"]["target"]), "test_users": len(split_rows["test"]["target"])},
+            "filters": filtered,
             "text_fields": [c for c in catalog.column_names if c not in ("item_index", "item_id", "train_count")],
             "shards": shards,
             "files": {p.relative_to(tmp_dir).as_posix(): _sha256(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()},

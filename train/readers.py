@@ -1,4 +1,5 @@
-"""Readers of raw interaction logs and item catalogs: CSV, TSV, Parquet, JSON lines, RecBole atomic.
+"""Readers of raw interaction logs and item catalogs: CSV, TSV, Parquet, JSON lines, RecBole atomic
+(named dataset layouts, MovieLens, Amazon, UniSRec, are in train.formats).
 
 Every reader returns an Arrow table holding just the requested columns, ids as strings (so
 "007" stays "007"), and raises `UserError` naming the file and column or line on bad input.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,11 @@ def _as_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.cast(column, pa.string())
 
 
-def parse_timestamps(column: pa.ChunkedArray, path: Path, fmt: str, name: str) -> np.ndarray:
-    """Numbers, or ISO-8601 dates, as float64 seconds; the first unreadable value is reported."""
+def parse_timestamps(column: pa.ChunkedArray, name: str, where: Callable[[int], str]) -> np.ndarray:
+    """Numbers, or ISO-8601 dates, as float64 seconds; the first unreadable value is reported.
+
+    `where(row)` names a row's place in its file ("file line N") for the message.
+    """
     try:
         return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -106,21 +111,39 @@ def parse_timestamps(column: pa.ChunkedArray, path: Path, fmt: str, name: str) -
             return pc.cast(stamps, pa.int64()).to_numpy(zero_copy_only=False) / per_second
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
+    first_date: int | None = None
     for row, value in enumerate(column.to_pylist()):
         try:
             float(value)
         except (TypeError, ValueError):
             try:
                 dt.datetime.fromisoformat(str(value))
+                first_date = row if first_date is None else first_date
             except ValueError:
-                raise UserError(f"{row_location(path, fmt, row)}: column {name!r}: "
+                raise UserError(f"{where(row)}: column {name!r}: "
                                 f"{value!r} is not a number or an ISO-8601 time") from None
-    raise UserError(f"{path}: column {name!r}: mixes numbers and dates")
+    raise UserError(f"{where(first_date or 0)}: column {name!r}: mixes numbers and dates")
+
+
+def parse_numbers(column: pa.ChunkedArray, name: str, where: Callable[[int], str]) -> np.ndarray:
+    """Numbers (or their text) as float64; the first value that is not a number is reported."""
+    try:
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where(row)}: column {name!r}: {value!r} is not a number") from None
+    raise UserError(f"{where(0)}: column {name!r}: cannot read as numbers")
 
 
 def first_empty(column: pa.ChunkedArray) -> int | None:
-    """Row of the first null or empty string in `column`, or None."""
-    bad = pc.or_(pc.is_null(column), pc.equal(pc.utf8_length(pc.fill_null(column, "")), 0))
+    """Row of the first null (or, in text, empty string) in `column`, or None."""
+    bad = pc.is_null(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        bad = pc.or_(bad, pc.equal(pc.utf8_length(pc.fill_null(column, "")), 0))
     if not pc.any(bad).as_py():
         return None
     return int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])

@@ -28,23 +28,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
-def load_or_build(config: ModelConfig, run_tokenizer_dir: Path, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
+def load_or_build(config: ModelConfig, run_tokenizer_dir: Path, corpus: Iterable[str] | None = None,
+                  item_tokens: list[str] = ()) -> PreTrainedTokenizerBase:  # type: ignore[assignment]
     """The tokenizer of this run.
 
     A pretrained backbone brings its own. A random backbone gets one trained on `corpus` the
     first time and saved under the run directory, so resume and eval tokenize identically.
+    `item_tokens` (one per catalog item) are added as whole tokens, after the existing ones.
     """
     if config.name_or_path:
         kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.add_tokens(list(item_tokens), special_tokens=True)
         return tokenizer
     if (run_tokenizer_dir / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(run_tokenizer_dir))
     if corpus is None:
         raise FileNotFoundError(f"{run_tokenizer_dir}: no tokenizer saved in this run directory")
     tokenizer = train_tokenizer(corpus, config.tokenizer_vocab_size)
+    tokenizer.add_tokens(list(item_tokens), special_tokens=True)
     tmp = run_tokenizer_dir.with_name(run_tokenizer_dir.name + ".tmp")
     tokenizer.save_pretrained(str(tmp))
     tmp.replace(run_tokenizer_dir)

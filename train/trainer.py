@@ -13,6 +13,7 @@ import math
 import shutil
 import signal
 import time
+import typing
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from model.objective import Objective
 from train import checkpoint, prepare
 from train.backbone import build_encoder
-from train.collate import Catalog, PromptEncoder
+from train.collate import Catalog, PromptEncoder, item_token
 from train.config import Config
 from train.config_io import save_config
 from train.distributed import DistState
@@ -75,13 +76,16 @@ class Trainer:
         manifest = prepare.read_manifest(config.data.dir)
         assert manifest is not None, "prepare wrote no manifest"
         self.manifest = manifest
-        self.catalog = Catalog(Path(config.data.dir) / "catalog.parquet", config.prompt.item_template)
+        self.catalog = Catalog(Path(config.data.dir) / "catalog.parquet", config.prompt.item_template,
+                               config.prompt.history_item_template, config.model.item_tokens)
+        item_tokens = [item_token(i) for i in range(len(self.catalog))] if config.model.item_tokens else []
         corpus = None
         if not config.model.name_or_path and self.dist.is_main:
             corpus = self.catalog.texts(range(len(self.catalog))) + [config.prompt.instruction, config.prompt.user_template]
-            load_or_build(config.model, self.run_dir / "tokenizer", corpus)
+            load_or_build(config.model, self.run_dir / "tokenizer", corpus, item_tokens)
         barrier()
-        self.tokenizer = load_or_build(config.model, self.run_dir / "tokenizer", corpus)
+        self.tokenizer = load_or_build(config.model, self.run_dir / "tokenizer", corpus, item_tokens)
+        self.item_token_ids: list[int] = [typing.cast(int, self.tokenizer.convert_tokens_to_ids(t)) for t in item_tokens]
         views = config.loss.augment if config.loss.user_cl_weight > 0 else None
         self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
                                      views=views, seed=config.seed)
@@ -89,7 +93,8 @@ class Trainer:
     def setup_model(self) -> None:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
         config, lc = self.config, self.config.loss
-        encoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id, config.seed)
+        encoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id, config.seed,
+                                self.item_token_ids)
         objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
                               lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative, lc.user_cl_weight)
         self.model = RecModel(encoder, objective).to(self.dist.device)
