@@ -13,11 +13,9 @@ renamed over `data.dir` at the end, so a failed prepare leaves nothing half-writ
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shutil
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,6 +30,7 @@ import pyarrow.parquet as pq
 from train import filters, formats, readers, synthetic
 from train.config import Config
 from train.errors import UserError
+from train.shards import write_training_shards
 
 log = logging.getLogger(__name__)
 
@@ -175,26 +174,46 @@ def _sequences(interactions: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray
     return users.take(pa.array(starts)), np.r_[starts, len(codes)], items
 
 
-def _sample_bytes(user: int, history: np.ndarray, item: int, logq: float) -> bytes:
-    return json.dumps({"user": user, "history": history.tolist(), "item": item, "logq": round(logq, 6)},
-                      separators=(",", ":")).encode()
-
-
-def _write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, payload in samples:
-            info = tarfile.TarInfo(f"{key}.json")
-            info.size = len(payload)
-            info.mtime = 0  # fixed, so the same data gives byte-identical shards
-            tar.addfile(info, io.BytesIO(payload))
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_items: int
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, pa.Table]]:
+    """Leave-one-out over all users at once, with no Python work per user or per sample.
+
+    Returns the training samples as arrays (`users`, `starts`: where the user's sequence begins
+    in `items`, `ts`: the target's position in it), in the order of user then t; each item's
+    count in training sequences and as a training target; and the valid and test split tables.
+    """
+    lengths = np.diff(bounds)
+    user_starts = bounds[:-1]
+    held_out = lengths >= 3  # these users hold out their last two items; the others only train
+    n_train = np.where(held_out, lengths - 2, lengths)
+    user_of = np.repeat(np.arange(len(lengths)), lengths)  # per interaction, as are the masks below
+    position = np.arange(len(items)) - np.repeat(user_starts, lengths)
+    in_train = position < n_train[user_of]
+    is_target = in_train & (position >= 1)  # every training position t >= 1 is a sample
+    train_counts = np.bincount(items[in_train], minlength=n_items)
+    target_counts = np.bincount(items[is_target], minlength=n_items)
+    sample_at = np.flatnonzero(is_target)
+    samples = {"users": user_of[sample_at], "starts": user_starts[user_of[sample_at]], "ts": position[sample_at]}
+    split_users = np.flatnonzero(held_out)
+    splits = {}
+    for split, from_end in (("valid", 2), ("test", 1)):
+        # The history is everything before the target, whatever data.max_history is.
+        history_lengths = lengths[split_users] - from_end
+        in_history = held_out[user_of] & (position < (lengths - from_end)[user_of])
+        splits[split] = pa.table({
+            "user_index": pa.array(split_users, pa.int64()),
+            "user_id": pc.cast(user_ids.take(pa.array(split_users)), pa.string()),
+            "history": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(history_lengths)], pa.int32()),
+                                                pa.array(items[in_history], pa.int64())),
+            "target": pa.array(items[user_starts[split_users] + history_lengths], pa.int64())})
+    return samples, train_counts, target_counts, splits
 
 
 def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
@@ -231,31 +250,15 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
 
     user_ids, bounds, items = _sequences(interactions)
     n_items = catalog.num_rows
-    train_counts = np.zeros(n_items, np.int64)
-    target_counts = np.zeros(n_items, np.int64)
-    split_rows: dict[str, dict[str, list[Any]]] = {
-        s: {"user_index": [], "user_id": [], "history": [], "target": []} for s in ("valid", "test")}
-    positions: list[tuple[int, int, int]] = []  # (user, first index of its sequence, t)
-    for user in range(len(user_ids)):
-        seq = items[bounds[user]:bounds[user + 1]]
-        n_train = len(seq) - 2 if len(seq) >= 3 else len(seq)
-        np.add.at(train_counts, seq[:n_train], 1)
-        np.add.at(target_counts, seq[1:n_train], 1)
-        positions.extend((user, int(bounds[user]), t) for t in range(1, n_train))
-        if len(seq) >= 3:
-            for split, cut in (("valid", len(seq) - 2), ("test", len(seq) - 1)):
-                rows = split_rows[split]
-                rows["user_index"].append(user)
-                rows["user_id"].append(user_ids[user].as_py())
-                rows["history"].append(seq[:cut].tolist())
-                rows["target"].append(int(seq[cut]))
-    if not positions:
+    samples, train_counts, target_counts, splits = _leave_one_out(user_ids, bounds, items, n_items)
+    n_samples = len(samples["ts"])
+    if not n_samples:
         raise UserError(f"{data.interactions or 'data'}: no user has two training interactions; nothing to train on")
 
     # Sampling log-probability of each item as a positive: its share of training targets.
     # Items never seen as a target get the share of one count (no -inf in the loss).
-    logq = np.log(np.maximum(target_counts, 1) / len(positions))
-    order = np.random.default_rng(config.seed).permutation(len(positions))
+    logq = np.log(np.maximum(target_counts, 1) / n_samples)
+    order = np.random.default_rng(config.seed).permutation(n_samples)
 
     out_dir = Path(data.dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -264,24 +267,20 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
     (tmp_dir / "shards").mkdir(parents=True)
     (tmp_dir / "splits").mkdir()
     try:
-        shards = _write_shards(tmp_dir / "shards", order, positions, items, logq, data.shard_size,
-                               data.max_history, show_progress)
+        shards = write_training_shards(tmp_dir / "shards", items, samples["starts"], samples["ts"], samples["users"],
+                                       order, logq, data.shard_size, data.max_history, show_progress)
         catalog = catalog.append_column("train_count", pa.array(train_counts))
         catalog = pa.table({"item_index": pa.array(np.arange(n_items, dtype=np.int64)), **{
             name: catalog.column(name) for name in catalog.column_names}})
         pq.write_table(catalog, tmp_dir / "catalog.parquet")
-        for split, rows in split_rows.items():
-            pq.write_table(pa.table({"user_index": pa.array(rows["user_index"], pa.int64()),
-                                     "user_id": pa.array(rows["user_id"], pa.string()),
-                                     "history": pa.array(rows["history"], pa.list_(pa.int64())),
-                                     "target": pa.array(rows["target"], pa.int64())}),
-                           tmp_dir / "splits" / f"{split}.parquet")
+        for split, table in splits.items():
+            pq.write_table(table, tmp_dir / "splits" / f"{split}.parquet")
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fingerprint(config),
             "counts": {"users": len(user_ids), "items": n_items, "interactions": int(len(items)),
-                       "dropped_unknown_items": n_unknown, "train_samples": len(positions),
-                       "valid_users": len(split_rows["valid"]["target"]), "test_users": len(split_rows["test"]["target"])},
+                       "dropped_unknown_items": n_unknown, "train_samples": n_samples,
+                       "valid_users": splits["valid"].num_rows, "test_users": splits["test"].num_rows},
             "filters": filtered,
             "text_fields": [c for c in catalog.column_names if c not in ("item_index", "item_id", "train_count")],
             "shards": shards,
@@ -299,26 +298,5 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     log.info("prepared %s: %d users, %d items, %d training samples in %d shards (%.1fs)", out_dir,
-             manifest["counts"]["users"], n_items, len(positions), len(shards), manifest["seconds"])
+             manifest["counts"]["users"], n_items, n_samples, len(shards), manifest["seconds"])
     return manifest
-
-
-def _write_shards(shard_dir: Path, order: np.ndarray, positions: list[tuple[int, int, int]], items: np.ndarray,
-                  logq: np.ndarray, shard_size: int, max_history: int, show_progress: bool) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
-    shards = []
-    bar = tqdm(total=len(order), desc="prepare", unit="sample", disable=not show_progress, leave=False)
-    for shard, begin in enumerate(range(0, len(order), shard_size)):
-        samples = []
-        for index in order[begin:begin + shard_size]:
-            user, start, t = positions[index]
-            history = items[max(start, start + t - max_history):start + t]
-            item = int(items[start + t])
-            samples.append((f"u{user:09d}t{t:06d}", _sample_bytes(user, history, item, float(logq[item]))))
-        name = f"train-{shard:06d}.tar"
-        _write_shard(shard_dir / name, samples)
-        shards.append({"name": f"shards/{name}", "samples": len(samples)})
-        bar.update(len(samples))
-    bar.close()
-    return shards

@@ -1,0 +1,267 @@
+"""How `rectrain prepare` scales: time and peak memory on a generated interaction log.
+
+    python benchmarks/prepare_scale.py [--interactions 1000000] [--users N] [--items N] [--keep DIR]
+    python benchmarks/prepare_scale.py --write-only [--samples 200000]
+    python benchmarks/prepare_scale.py --profile [--interactions 200000]
+    python benchmarks/prepare_scale.py --generate DIR [--interactions N]   # just write the CSVs
+
+Default mode generates a log of `--interactions` rows (users active by a log-normal spread,
+items by a Zipf popularity, timestamps, shuffled file order) as interactions.csv plus a
+catalog.csv in a temporary directory (in a child process, timed apart), then runs
+`python -m train.cli prepare` on it in a child process and prints the counts, shard sizes, wall
+time and that child's peak RSS (from os.wait4: `/usr/bin/time -v`'s figure), next to the peak
+RSS of a child that only imports the CLI (the fixed cost of Python, torch and pyarrow).
+
+--write-only times just the shard writer on synthetic arrays of `--samples` training samples:
+prepare's tarfile writer (`train.prepare._write_shards`, while it exists) against
+`train.shards.write_training_shards`, and checks that both wrote the same bytes.
+
+--profile runs prepare() in this process under cProfile and prints the top costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import os
+import pstats
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ------------------------------------------------------------------------- the log
+
+def generate(directory: Path, interactions: int, users: int, items: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write `interactions.csv` (user_id,item_id,timestamp) and `catalog.csv` (item_id,title,genre)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(seed)
+    # Every user gets at least one interaction; the rest follow a log-normal activity spread.
+    activity = rng.lognormal(0.0, 1.0, users)
+    per_user = 1 + rng.multinomial(interactions - users, activity / activity.sum())
+    user_of = np.repeat(np.arange(users), per_user)
+    # Zipf popularity over items, with the popular ones scattered over the id space.
+    popularity = 1.0 / np.arange(1, items + 1) ** 1.0
+    item_of = rng.permutation(items)[rng.choice(items, interactions, p=popularity / popularity.sum())]
+    timestamps = 1_600_000_000 + rng.integers(0, 3 * 365 * 86_400, interactions)
+    shuffle = rng.permutation(interactions)  # file order is not time order
+    item_names = np.char.add("i", np.arange(items).astype(str))
+    pacsv.write_csv(pa.table({"user_id": pa.array(np.char.add("u", user_of[shuffle].astype(str))),
+                              "item_id": pa.array(item_names[item_of[shuffle]]),
+                              "timestamp": pa.array(timestamps[shuffle])}), directory / "interactions.csv")
+    genres = np.array(["Drama", "Comedy", "Action", "Sci-Fi", "Romance", "Horror"])
+    pacsv.write_csv(pa.table({"item_id": pa.array(item_names),
+                              "title": pa.array(np.char.add("Item title number ", np.arange(items).astype(str))),
+                              "genre": pa.array(genres[rng.integers(0, len(genres), items)])}),
+                    directory / "catalog.csv")
+    return directory / "interactions.csv", directory / "catalog.csv"
+
+
+def _write_config(directory: Path, max_history: int, shard_size: int) -> Path:
+    path = directory / "prepare.yaml"
+    path.write_text("# python -m train.cli prepare prepare.yaml data.interactions=... data.catalog=... data.dir=...\n"
+                    "data:\n  format: csv\n"
+                    f"  max_history: {max_history}\n  shard_size: {shard_size}\n"
+                    "  catalog_columns:\n    text: [title, genre]\n")
+    return path
+
+
+def _run_measured(command: list[str], log: Path) -> tuple[float, float, int]:
+    """Run `command` with its output in `log`; return its wall seconds, peak RSS in MB and exit code.
+
+    The peak is the child's own (os.wait4), not RUSAGE_CHILDREN's largest-of-all-children; and
+    this process stays small (the log is generated in a child too), because Linux starts a
+    forked child's peak RSS at its parent's size.
+    """
+    started = time.perf_counter()
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, process.returncode  # ru_maxrss: KiB on Linux
+
+
+def _check(code: int, what: str, log: Path) -> None:
+    if code:
+        sys.exit(f"{what} failed ({code}):\n{log.read_text()[-4000:]}")
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="prepare-scale-") as tmp:
+        directory = Path(args.keep) if args.keep else Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        interactions, catalog = directory / "interactions.csv", directory / "catalog.csv"
+        generate_command = [sys.executable, str(Path(__file__).resolve()), "--generate", str(directory),
+                            "--interactions", str(args.interactions), "--users", str(args.users),
+                            "--items", str(args.items), "--seed", str(args.seed)]
+        generated, _, code = _run_measured(generate_command, directory / "generate.log")
+        _check(code, "generating the log", directory / "generate.log")
+        config = _write_config(directory, args.max_history, args.shard_size)
+        data_dir = directory / "prepared"
+        command = [sys.executable, "-m", "train.cli", "prepare", str(config), "data.format=csv",
+                   f"data.interactions={interactions}", f"data.catalog={catalog}", f"data.dir={data_dir}"]
+        _, import_rss, code = _run_measured([sys.executable, "-c", "import train.cli, train.prepare"],
+                                            directory / "import.log")
+        _check(code, "importing the CLI", directory / "import.log")
+        wall, peak_rss, code = _run_measured(command, directory / "prepare.log")
+        _check(code, "prepare", directory / "prepare.log")
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        counts = manifest["counts"]
+        shard_bytes = sum((data_dir / s["name"]).stat().st_size for s in manifest["shards"])
+        rows = [
+            ("interactions", f"{counts['interactions']:,}"), ("users", f"{counts['users']:,}"),
+            ("items", f"{counts['items']:,}"), ("training samples", f"{counts['train_samples']:,}"),
+            ("shards", f"{len(manifest['shards'])}"), ("total shard bytes", f"{shard_bytes:,} ({shard_bytes / 2**20:.1f} MiB)"),
+            ("generating the log", f"{generated:.1f} s (a child process; not part of prepare)"),
+            ("prepare wall time", f"{wall:.1f} s (child process, imports included)"),
+            ("prepare's own time", f"{manifest['seconds']:.1f} s (manifest 'seconds')"),
+            ("peak RSS", f"{peak_rss:.0f} MB (the prepare process)"),
+            ("peak RSS, imports only", f"{import_rss:.0f} MB (python -c 'import train.cli, train.prepare')"),
+            ("cores", f"{os.cpu_count()}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
+        print("reproduce (from the repository root; the second line alone re-runs prepare on kept files):")
+        for line in (generate_command, command):
+            print("  " + " ".join(shlex.quote(part) for part in line))
+        if not args.keep:
+            print("  (these files were in a temporary directory, now removed; --keep DIR keeps them)")
+
+
+# ---------------------------------------------------------------- the writer alone
+
+def synthetic_samples(samples: int, items: int, max_length: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
+    """Arrays as prepare hands them to the writer: sequences with about `samples` training positions."""
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    total = 0
+    while total < samples:
+        length = int(rng.integers(3, max_length + 1))
+        lengths.append(length)
+        total += length - 3  # positions 1 .. length-3: the last two are held out
+    bounds = np.r_[0, np.cumsum(lengths)]
+    popularity = 1.0 / np.arange(1, items + 1)
+    item_seq = rng.choice(items, int(bounds[-1]), p=popularity / popularity.sum())
+    users = np.repeat(np.arange(len(lengths)), np.array(lengths) - 3)
+    starts = bounds[:-1][users]
+    ts = np.concatenate([np.arange(1, length - 2) for length in lengths])
+    logq = np.log(np.maximum(np.bincount(item_seq[starts + ts], minlength=items), 1) / len(ts))
+    return {"items": item_seq, "starts": starts, "ts": ts, "users": users, "logq": logq,
+            "order": rng.permutation(len(ts))}
+
+
+def _digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_write_only(args: argparse.Namespace) -> None:
+    from train import prepare
+    from train.shards import write_training_shards
+
+    arrays = synthetic_samples(args.samples, args.items, seed=args.seed)
+    n = len(arrays["order"])
+    print(f"{n:,} samples, {args.items:,} items, max_history={args.max_history}, shard_size={args.shard_size}")
+    with tempfile.TemporaryDirectory(prefix="write-only-") as tmp:
+        new_dir, old_dir = Path(tmp) / "new", Path(tmp) / "old"
+        new_dir.mkdir()
+        old_dir.mkdir()
+        times = []
+        for _ in range(args.repeat):  # the fastest of a few: writing to disk is what varies
+            started = time.perf_counter()
+            write_training_shards(new_dir, arrays["items"], arrays["starts"], arrays["ts"], arrays["users"],
+                                  arrays["order"], arrays["logq"], args.shard_size, args.max_history, show_progress=False)
+            times.append(time.perf_counter() - started)
+        new = min(times)
+        size = sum(p.stat().st_size for p in new_dir.iterdir())
+        print(f"train.shards.write_training_shards: {new:7.2f} s  {1e6 * new / n:6.2f} µs/sample  "
+              f"({size / 2**20:.0f} MiB in {len(list(new_dir.iterdir()))} shards; fastest of "
+              f"{', '.join(f'{t:.2f}' for t in times)} s)")
+        old_writer = getattr(prepare, "_write_shards", None)
+        if old_writer is None:
+            print("train.prepare._write_shards is gone (prepare uses train.shards): no old writer to compare")
+            return
+        # The old writer takes a list of (user, start, t) tuples: building it is part of its cost.
+        started = time.perf_counter()
+        positions = list(zip(arrays["users"].tolist(), arrays["starts"].tolist(), arrays["ts"].tolist()))
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        old_writer(old_dir, arrays["order"], positions, arrays["items"], arrays["logq"], args.shard_size,
+                   args.max_history, False)
+        old = time.perf_counter() - started
+        print(f"train.prepare._write_shards:        {old:7.2f} s  {1e6 * old / n:6.2f} µs/sample  "
+              f"(+{built:.2f} s building its tuple list)")
+        print(f"speed-up: {old / new:.1f}x; identical bytes: {_digest(old_dir) == _digest(new_dir)}")
+
+
+# -------------------------------------------------------------------- the profile
+
+def run_profile(args: argparse.Namespace) -> None:
+    from train.config_io import load_config
+    from train.prepare import prepare
+
+    with tempfile.TemporaryDirectory(prefix="prepare-profile-") as tmp:
+        directory = Path(tmp)
+        interactions, catalog = generate(directory, args.interactions, args.users, args.items, args.seed)
+        config = load_config(_write_config(directory, args.max_history, args.shard_size),
+                             ["data.format=csv", f"data.interactions={interactions}", f"data.catalog={catalog}",
+                              f"data.dir={directory / 'prepared'}"])
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.enable()
+        manifest = prepare(config, show_progress=False)
+        profiler.disable()
+        print(f"prepare(): {time.perf_counter() - started:.2f} s under cProfile, "
+              f"{manifest['counts']['train_samples']:,} samples")
+        for key in ("cumulative", "tottime"):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(args.top)
+            print(out.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--interactions", type=int, default=1_000_000, help="rows of the generated log")
+    parser.add_argument("--users", type=int, default=0, help="users (default: interactions / 50)")
+    parser.add_argument("--items", type=int, default=50_000, help="catalog items")
+    parser.add_argument("--max-history", type=int, default=20, help="data.max_history")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="data.shard_size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", default="", help="generate and prepare in DIR and keep the files")
+    parser.add_argument("--write-only", action="store_true", help="time just the shard writers, old and new")
+    parser.add_argument("--samples", type=int, default=200_000, help="--write-only: training samples")
+    parser.add_argument("--repeat", type=int, default=3, help="--write-only: runs of the new writer (fastest counts)")
+    parser.add_argument("--profile", action="store_true", help="profile prepare() in-process with cProfile")
+    parser.add_argument("--generate", default="", metavar="DIR", help="only write the log and catalog CSVs into DIR")
+    parser.add_argument("--top", type=int, default=25, help="--profile: rows per table")
+    args = parser.parse_args()
+    args.users = args.users or max(1, args.interactions // 50)
+    if args.generate:
+        generate(Path(args.generate), args.interactions, args.users, args.items, args.seed)
+    elif args.write_only:
+        run_write_only(args)
+    elif args.profile:
+        run_profile(args)
+    else:
+        run_prepare(args)
+
+
+if __name__ == "__main__":
+    main()
