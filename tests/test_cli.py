@@ -113,11 +113,11 @@ def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "best"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    valid = {r["step"]: r["valid/ndcg@10"] for r in rows if "valid/ndcg@10" in r}
+    valid = {r["step"]: r["valid/ndcg@5"] for r in rows if "valid/ndcg@5" in r}  # ndcg@<first k> by default
     assert sorted(valid) == [3, 6, 8]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     best_step = max(valid, key=lambda s: (valid[s], -s))  # the first of equal values is kept
-    assert best == {"checkpoint": f"step-{best_step}", "metric": "ndcg@10", "value": valid[best_step]}
+    assert best == {"checkpoint": f"step-{best_step}", "metric": "ndcg@5", "value": valid[best_step]}
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == sorted({f"step-{best_step}", "step-8"})  # keep_last=1 never deletes the best
     metrics = json.loads((run / "metrics.json").read_text())
