@@ -20,7 +20,6 @@ from itertools import count
 from typing import Any
 
 import braceexpand
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
