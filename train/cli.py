@@ -20,8 +20,11 @@ DESCRIPTION = """\
 rectrain fine-tunes a decoder LLM with LoRA so that a user's history, rendered as text, lands
 next to the item they choose next (in-batch InfoNCE), then ranks the whole catalog per user.
 
-Quick start (synthetic data, tiny random Llama, CPU, about two minutes):
+Quick start (synthetic data, tiny random Llama, CPU, about a minute):
   rectrain train configs/debug.yaml
+
+Several processes, GPUs or nodes: launch/torchrun.sh, launch/deepspeed.sh, launch/accelerate.sh,
+launch/slurm/train.sbatch (each explains itself with --help; the engine follows the launcher).
 
 Every command reads a YAML config; any key can be overridden after it with dotted keys:
   rectrain train configs/debug.yaml train.max_steps=50 output_dir=runs/try
