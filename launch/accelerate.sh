@@ -35,10 +35,7 @@ if grep -q '^use_cpu: true' "$accel_config" && [ $((NPROC * NNODES)) -gt 1 ]; th
     # `accelerate launch` starts several CPU processes only through mpirun. torchrun starts them
     # instead; the Accelerator sees ACCELERATE_USE_CPU and WORLD_SIZE and takes its MULTI_CPU (gloo) path.
     export ACCELERATE_USE_CPU=true ACCELERATE_MIXED_PRECISION=no
-    set -x
-    exec python3 -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-        --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RUN_ID:-rectrain}" \
-        -m train.cli train "$CONFIG" engine=accelerate "${ARGS[@]}"
+    torchrun_train engine=accelerate "${ARGS[@]}"
 fi
 set -x
 exec python3 -m accelerate.commands.launch --config_file "$accel_config" --num_processes "$((NPROC * NNODES))" \

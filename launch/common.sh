@@ -13,6 +13,14 @@ default_nproc() {
     if [ "${gpus:-0}" -gt 0 ]; then echo "$gpus"; else echo 1; fi
 }
 
+torchrun_train() {
+    # torchrun with a c10d rendezvous on the master; "$@" goes after `rectrain train CONFIG`.
+    set -x
+    exec python3 -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+        --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RUN_ID:-rectrain}" \
+        -m train.cli train "$CONFIG" "$@"
+}
+
 NPROC=${NPROC_PER_NODE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -16,7 +16,4 @@
 
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-set -x
-exec python3 -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RUN_ID:-rectrain}" \
-    -m train.cli train "$CONFIG" "${ARGS[@]}"
+torchrun_train "${ARGS[@]}"
