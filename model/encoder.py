@@ -22,11 +22,19 @@ class RecEncoder(nn.Module):
         self.pool = POOLERS[pooling]
         self.projection = nn.Linear(hidden_size, projection_dim, bias=False) if projection_dim else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                every_position: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, D] embeddings; with every_position, also [B, T, D]: each token state made an
+        embedding the same way (what a causal backbone knows up to that token)."""
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False)
-        pooled = self.pool(output.last_hidden_state, attention_mask)
+        pooled = self.embed(self.pool(output.last_hidden_state, attention_mask))
+        if every_position:
+            return pooled, self.embed(output.last_hidden_state)
+        return pooled
+
+    def embed(self, states: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:
-            pooled = self.projection(pooled.to(self.projection.weight.dtype))
+            states = self.projection(states.to(self.projection.weight.dtype))
         # Normalise in float32: cosine scores divided by a small temperature amplify bf16 error.
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(states.float(), dim=-1)

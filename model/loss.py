@@ -162,6 +162,56 @@ def user_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, *, tempera
     return (a_to_b + b_to_a) / 2
 
 
+def catalog_loss(query: torch.Tensor, item_ids: torch.Tensor, catalog: torch.Tensor, *,
+                 temperature: float | torch.Tensor) -> torch.Tensor:
+    """Softmax of each local user over the whole catalog: SASRec's cross-entropy, for text items.
+
+    `catalog` [N, D] holds every item's embedding from a recent no-grad pass (the same on every
+    rank); `item_ids` are catalog indices. Nothing is masked: the items already in a user's
+    history are negatives too, which teaches the model not to recommend what the user has.
+    The gradient reaches the user side only. The positive comes from the same pass as the
+    negatives on purpose: a fresh positive among stale negatives lets the model win by telling
+    fresh from stale (moving the whole item space between refreshes), and it collapses.
+    Every term is local, so the mean over local rows averages over ranks to the one-process loss.
+    """
+    logits = query @ catalog.to(query.dtype).T
+    return F.cross_entropy(logits / temperature, item_ids)
+
+
+def next_item_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_items: torch.Tensor,
+                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, next items) of every history item token in user prompts.
+
+    `token_items` maps a token id to its catalog index (-1: not an item token). The state at a
+    history item's token has read the history up to that item, so it predicts the next history
+    item, and the last one predicts the row's target: SASRec's signal at every position.
+    """
+    items = torch.where(attention_mask.bool(), token_items[input_ids], -1)
+    rows, columns = (items >= 0).nonzero(as_tuple=True)  # row-major: each row's items in prompt order
+    current = items[rows, columns]
+    same_row = rows[1:] == rows[:-1]
+    following = torch.where(same_row, current[1:], targets[rows[:-1]])
+    return rows, columns, torch.cat([following, targets[rows[-1:]]])
+
+
+def position_loss(states: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, next_items: torch.Tensor,
+                  catalog: torch.Tensor, *, temperature: float | torch.Tensor,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Softmax over the catalog at every (row, column) of `states` [B, T, D], mean over the
+    positions of the *global* batch.
+
+    Ranks hold different numbers of positions, so each rank divides its sum by the global count
+    over the world size: the mean of the ranks' losses is then the one-process mean.
+    """
+    logits = states[rows, columns] @ catalog.to(states.dtype).T / temperature
+    total = F.cross_entropy(logits, next_items, reduction="sum")
+    _, size = world(group)
+    count = torch.tensor([float(len(rows))], device=states.device)
+    if size > 1:
+        dist.all_reduce(count, group=group)
+    return total * size / count.clamp(min=1).squeeze(0)
+
+
 class Temperature(nn.Module):
     """A softmax temperature, fixed or learned.
 

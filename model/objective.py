@@ -1,5 +1,6 @@
-"""The training objective chosen in the config: one loss of the family, an optional user-user
-term, and the (possibly learned) temperature."""
+"""The training objective chosen in the config: one loss of the family over in-batch negatives
+and/or a softmax over the whole catalog, an optional user-user term, and the (possibly learned)
+temperature."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.loss import (Temperature, contrastive_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
+from model.loss import (Temperature, catalog_loss, contrastive_loss, position_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
                         user_contrastive_loss)
 
 
@@ -19,7 +20,7 @@ class Objective(nn.Module):
     def __init__(self, kind: str = "infonce", temperature: float = 0.05, learn_temperature: bool = False,
                  temperature_range: tuple[float, float] = (0.01, 1.0), mask_false_negatives: bool = True,
                  logq: bool = False, triplet_margin: float = 0.2, triplet_negative: str = "hardest",
-                 user_cl_weight: float = 0.0) -> None:
+                 user_cl_weight: float = 0.0, negatives: str = "batch", history_positions: float = 0.0) -> None:
         super().__init__()
         self.kind = kind
         self.temperature = Temperature(temperature, learn_temperature, *temperature_range)
@@ -28,25 +29,46 @@ class Objective(nn.Module):
         self.triplet_margin = triplet_margin
         self.triplet_negative = triplet_negative
         self.user_cl_weight = user_cl_weight
+        self.negatives = negatives
+        self.history_positions = history_positions
         self.calls = 0  # seeds the random triplet draws; the same on every rank
 
     def forward(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
                 history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
-                views: tuple[torch.Tensor, torch.Tensor] | None = None,
+                views: tuple[torch.Tensor, torch.Tensor] | None = None, catalog: torch.Tensor | None = None,
+                positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """`catalog`: every item's embedding [N, D], needed when the negatives include the catalog
+        or with history positions; `positions`: (user token states [B, T, D], rows, columns,
+        next items) for the history-positions term (model.loss.next_item_positions)."""
         tau = self.temperature()
+        terms = []
+        if self.negatives != "catalog":
+            terms.append(self._in_batch(query, item, item_ids, tau, history_ids, logq, group))
+        if self.negatives != "batch":
+            if catalog is None:
+                raise ValueError(f"negatives={self.negatives} needs the catalog's embeddings")
+            terms.append(catalog_loss(query, item_ids, catalog, temperature=tau))
+        self.calls += 1
+        loss = terms[0] if len(terms) == 1 else (terms[0] + terms[1]) / 2
+        if views is not None and self.user_cl_weight > 0:
+            loss = loss + self.user_cl_weight * user_contrastive_loss(*views, temperature=tau, group=group)
+        if positions is not None and self.history_positions > 0:
+            if catalog is None:
+                raise ValueError("history positions need the catalog's embeddings")
+            loss = loss + self.history_positions * position_loss(*positions, catalog, temperature=tau, group=group)
+        return loss
+
+    def _in_batch(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, tau: torch.Tensor,
+                  history_ids: torch.Tensor | None, logq: torch.Tensor | None,
+                  group: dist.ProcessGroup | None) -> torch.Tensor:
         common: dict[str, Any] = {"history_ids": history_ids, "mask_false_negatives": self.mask_false_negatives, "group": group}
         logq = logq if self.use_logq else None
         if self.kind == "infonce":
-            loss = contrastive_loss(query, item, item_ids, temperature=tau, logq=logq, **common)
-        elif self.kind == "symmetric":
-            loss = symmetric_loss(query, item, item_ids, temperature=tau, logq=logq, **common)
-        elif self.kind == "triplet":
-            loss = triplet_loss(query, item, item_ids, margin=self.triplet_margin, negative=self.triplet_negative,
+            return contrastive_loss(query, item, item_ids, temperature=tau, logq=logq, **common)
+        if self.kind == "symmetric":
+            return symmetric_loss(query, item, item_ids, temperature=tau, logq=logq, **common)
+        if self.kind == "triplet":
+            return triplet_loss(query, item, item_ids, margin=self.triplet_margin, negative=self.triplet_negative,
                                 seed=self.calls, **common)
-        else:
-            loss = pairwise_softmax_loss(query, item, item_ids, temperature=tau, **common)
-        self.calls += 1
-        if views is not None and self.user_cl_weight > 0:
-            loss = loss + self.user_cl_weight * user_contrastive_loss(*views, temperature=tau, group=group)
-        return loss
+        return pairwise_softmax_loss(query, item, item_ids, temperature=tau, **common)

@@ -73,18 +73,22 @@ def test_train_then_eval_leaves_the_run_directory(tmp_path: Path) -> None:
         assert reevaluated[key] == pytest.approx(metrics[key], abs=1e-9)
 
 
-def test_resume_replays_the_uninterrupted_losses(tmp_path: Path) -> None:
+# With catalog negatives the checkpoint must carry the catalog embeddings in use: the stop at
+# step 5 falls between refreshes (before steps 1, 4, 7), so re-encoding on resume would differ.
+@pytest.mark.parametrize("extra", [[], ["loss.negatives=batch+catalog", "loss.catalog_refresh_every=3"]],
+                         ids=["batch", "batch+catalog"])
+def test_resume_replays_the_uninterrupted_losses(tmp_path: Path, extra: list[str]) -> None:
     whole = write_config(tmp_path, "whole", workers=2)
-    assert rectrain("train", str(whole), cwd=tmp_path).returncode == 0
+    assert rectrain("train", str(whole), *extra, cwd=tmp_path).returncode == 0
     part = write_config(tmp_path, "part", workers=2)
-    first = rectrain("train", str(part), "train.max_steps=8", "train.save_every=5", cwd=tmp_path)
+    first = rectrain("train", str(part), "train.max_steps=8", "train.save_every=5", *extra, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     # Pretend the run stopped after step 5: keep that checkpoint and the rows before it.
     run = tmp_path / "part"
     (run / "checkpoints" / "latest").write_text("step-5\n")
     rows = (run / "metrics.jsonl").read_text().splitlines()[:5]
     (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    resumed = rectrain("train", str(part), cwd=tmp_path)
+    resumed = rectrain("train", str(part), *extra, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     expected, got = losses(tmp_path / "whole"), losses(run)
@@ -107,17 +111,20 @@ def test_bad_override_is_one_line_exit_2(tmp_path: Path, override: str, key: str
     assert not (tmp_path / "bad").exists() and not (tmp_path / "data").exists()
 
 
-def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chosen, metric", [([], "ndcg@5"),  # ndcg@<first k> by default
+                                            (["eval.best_metric=with_history/mrr@10"], "with_history/mrr@10")])
+def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path, chosen: list[str], metric: str) -> None:
     config = write_config(tmp_path, "best")
-    done = rectrain("train", str(config), "train.eval_every=3", "train.keep_last=1", "eval.k=[5, 10]", cwd=tmp_path)
+    done = rectrain("train", str(config), "train.eval_every=3", "train.keep_last=1", "eval.k=[5, 10]", *chosen,
+                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "best"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    valid = {r["step"]: r["valid/ndcg@5"] for r in rows if "valid/ndcg@5" in r}  # ndcg@<first k> by default
+    valid = {r["step"]: r[f"valid/{metric}"] for r in rows if f"valid/{metric}" in r}
     assert sorted(valid) == [3, 6, 8]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     best_step = max(valid, key=lambda s: (valid[s], -s))  # the first of equal values is kept
-    assert best == {"checkpoint": f"step-{best_step}", "metric": "ndcg@5", "value": valid[best_step]}
+    assert best == {"checkpoint": f"step-{best_step}", "metric": metric, "value": valid[best_step]}
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == sorted({f"step-{best_step}", "step-8"})  # keep_last=1 never deletes the best
     metrics = json.loads((run / "metrics.json").read_text())

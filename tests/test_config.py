@@ -135,6 +135,9 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("model.pooling=max", "model.pooling: must be one of last, mean (got 'max')"),
     ("model.lora.dropout=1.0", "model.lora.dropout: must be in [0, 1)"),
     ("loss.temperature=0", "loss.temperature: must be > 0"),
+    ("loss.negatives=all", "loss.negatives: must be one of batch, catalog, batch+catalog (got 'all')"),
+    ("loss.catalog_refresh_every=0", "loss.catalog_refresh_every: must be >= 1"),
+    ("eval.best_metric=with_history/ndcg@5", "eval.best_metric: must be [with_history/]recall|ndcg|mrr|hr@K"),
     ("prompt.user_template=no history", "prompt.user_template: must contain {history}"),
     ("data.synthetic.max_length=2", "data.synthetic.max_length: must be >= min_length"),
 ])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.loss import (Temperature, candidate_scores, contrastive_loss, pairwise_softmax_loss, symmetric_loss,
+from model.loss import (Temperature, candidate_scores, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss,
                         triplet_loss, user_contrastive_loss)
 from multiproc import run_ranks
 from train.backbone import build_encoder
@@ -21,8 +21,10 @@ VOCAB = 64
 ITEM_IDS = torch.tensor([3, 5, 3, 7, 9, 5, 11, 2])
 HISTORY = torch.tensor([[7, 1, -1], [4, -1, -1], [8, 6, 1], [0, -1, -1], [1, 4, -1], [6, -1, -1], [2, 13, 1], [12, -1, -1]])
 PLANTED = {(0, 2), (2, 0), (1, 5), (5, 1), (0, 3), (6, 7)}
+# The catalog's embeddings: fixed, the same on every rank (in training, a recent no-grad pass).
+CATALOG = torch.nn.functional.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
 KINDS = ("infonce", "infonce_logq", "infonce_unmasked", "symmetric", "triplet_hardest", "triplet_random",
-         "pairwise", "user_cl")
+         "pairwise", "user_cl", "batch_catalog", "history_positions")
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -75,6 +77,16 @@ def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch
         loss = loss + 0.0 * tau  # the temperature takes no part; keep its gradient defined
     elif kind == "pairwise":
         loss = pairwise_softmax_loss(query, item, batch["item_ids"], temperature=tau, **common)
+    elif kind == "batch_catalog":
+        loss = (contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common)
+                + catalog_loss(query, batch["item_ids"], CATALOG, temperature=tau)) / 2
+    elif kind == "history_positions":  # tokens 40-55 are items 0-15; ranks hold different numbers of them
+        query, states = encoder(batch["user_ids"], batch["user_mask"], every_position=True)
+        token_items = torch.full((VOCAB,), -1)
+        token_items[40:56] = torch.arange(16)
+        positions = next_item_positions(batch["user_ids"], batch["user_mask"], token_items, batch["item_ids"])
+        loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
+            + position_loss(states, *positions, CATALOG, temperature=tau, group=group)
     else:
         view = encoder(batch["view_ids"], batch["view_mask"])
         loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.augment import MASKED, augment, crop, mask, reorder
-from model.loss import (Temperature, contrastive_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
+from model.loss import (Temperature, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
                         user_contrastive_loss)
 from model.objective import Objective
 
@@ -55,6 +55,51 @@ def test_infonce_matches_a_naive_loop() -> None:
         logits = torch.stack([query[i] @ item[j] / 0.2 - logq[j] for j in kept])
         total += float(-torch.log_softmax(logits, 0)[kept.index(i)])
     assert float(got) == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_catalog_softmax_matches_a_naive_loop_and_masks_nothing() -> None:
+    query, catalog = embeddings(6, 7), embeddings(10, 8)
+    got = catalog_loss(query, ITEM_IDS, catalog, temperature=0.2)
+    # Every item is a candidate, the ones in the history included.
+    expected = sum(float(-torch.log_softmax(catalog @ query[i] / 0.2, 0)[ITEM_IDS[i]]) for i in range(6)) / 6
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_catalog_negatives_in_the_objective() -> None:
+    query, item, catalog = embeddings(6, 0), embeddings(6, 1), embeddings(10, 2)
+    batch = contrastive_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY)
+    whole = catalog_loss(query, ITEM_IDS, catalog, temperature=0.1)
+    for negatives, expected in (("catalog", whole), ("batch+catalog", (batch + whole) / 2)):
+        objective = Objective("infonce", temperature=0.1, negatives=negatives)
+        assert torch.allclose(objective(query, item, ITEM_IDS, history_ids=HISTORY, catalog=catalog), expected)
+        with pytest.raises(ValueError, match="catalog"):
+            objective(query, item, ITEM_IDS, history_ids=HISTORY)
+    # The catalog is a constant: only the user side gets a gradient from it.
+    query.requires_grad_(True)
+    catalog.requires_grad_(False)
+    catalog_loss(query, ITEM_IDS, catalog, temperature=0.1).backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0
+
+
+def test_next_item_positions_follow_each_history() -> None:
+    token_items = torch.full((10,), -1)
+    token_items[5:9] = torch.arange(4)  # tokens 5-8 are items 0-3
+    ids = torch.tensor([[0, 0, 1, 5, 2, 7, 3], [1, 6, 2, 5, 2, 8, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # row 0 left-padded with token 0
+    rows, columns, following = next_item_positions(ids, mask, token_items, torch.tensor([1, 0]))
+    # row 0: item 0 (col 3) -> item 2, item 2 (col 5) -> its target 1; row 1: 1 -> 0 -> 3 -> target 0
+    assert rows.tolist() == [0, 0, 1, 1, 1] and columns.tolist() == [3, 5, 1, 3, 5]
+    assert following.tolist() == [2, 1, 0, 3, 0]
+
+
+def test_position_loss_is_the_mean_over_positions() -> None:
+    states = embeddings(12, 3).view(2, 6, 8)
+    catalog = embeddings(10, 4)
+    rows, columns, following = torch.tensor([0, 0, 1]), torch.tensor([1, 4, 2]), torch.tensor([3, 9, 0])
+    got = position_loss(states, rows, columns, following, catalog, temperature=0.1)
+    expected = sum(float(-torch.log_softmax(catalog @ states[r, c] / 0.1, 0)[t])
+                   for r, c, t in zip(rows.tolist(), columns.tolist(), following.tolist())) / 3
+    assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
 def test_learned_temperature_is_clamped_and_trainable() -> None:

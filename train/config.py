@@ -249,11 +249,21 @@ class LossConfig:
     triplet_margin: float = doc(0.2, "triplet: margin on cosine similarities")
     triplet_negative: str = doc("hardest", "triplet: hardest | random unmasked in-batch negative")
     user_cl_weight: float = doc(0.0, "weight of the user-user contrastive term between two augmented views; 0 = off")
+    negatives: str = doc("batch", "batch (the global batch's items) | catalog (softmax over every item, embeddings "
+                                  "refreshed every catalog_refresh_every steps; catalogs up to ~1e5 items) | "
+                                  "batch+catalog (the mean of both)")
+    catalog_refresh_every: int = doc(25, "catalog negatives or history_positions: steps between re-encoding the catalog")
+    history_positions: float = doc(0.0, "weight of next-item prediction at every history item of the user prompt "
+                                        "(SASRec's training signal: one forward, a softmax over the catalog at each "
+                                        "position; needs model.item_tokens and last pooling); 0 = off")
     augment: AugmentConfig = doc(AugmentConfig(), "augmentations of the user-user term")
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", ("infonce", "symmetric", "triplet", "pairwise"))
         _one_of(self.triplet_negative, "loss.triplet_negative", ("hardest", "random"))
+        _one_of(self.negatives, "loss.negatives", ("batch", "catalog", "batch+catalog"))
+        _check(self.catalog_refresh_every >= 1, "loss.catalog_refresh_every", "must be >= 1")
+        _check(self.history_positions >= 0, "loss.history_positions", "must be >= 0")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(0 < self.temperature_min <= self.temperature <= self.temperature_max, "loss.temperature_min",
                "need 0 < temperature_min <= temperature <= temperature_max")
@@ -270,16 +280,18 @@ class EvalConfig:
     split: str = doc("test", "valid | test")
     k: list[int] = doc([10], "cut-offs for Recall/NDCG/MRR")
     batch_size: int = doc(128, "prompts per encoding batch")
-    best_metric: str = doc("", "validation metric (history excluded) picking the best checkpoint; empty = ndcg@<first k>")
+    best_metric: str = doc("", "validation metric picking the best checkpoint: recall|ndcg|mrr|hr@K with history "
+                               "excluded, with_history/<metric>@K with it kept; empty = ndcg@<first k>")
     use_best: bool = doc(True, "evaluate the best validated checkpoint at the end (when train.eval_every > 0)")
 
     def __post_init__(self) -> None:
         _one_of(self.split, "eval.split", ("valid", "test"))
         _check(bool(self.k) and all(k >= 1 for k in self.k), "eval.k", "must be a non-empty list of ints >= 1")
         self.best_metric = self.best_metric or f"ndcg@{self.k[0]}"
-        name, _, cutoff = self.best_metric.partition("@")
+        name, _, cutoff = self.best_metric.removeprefix("with_history/").partition("@")
         _check(name in ("recall", "ndcg", "mrr", "hr") and cutoff.isdigit() and int(cutoff) in self.k,
-               "eval.best_metric", f"must be recall|ndcg|mrr|hr@K with K in eval.k={self.k} (got {self.best_metric!r})")
+               "eval.best_metric", f"must be [with_history/]recall|ndcg|mrr|hr@K with K in eval.k={self.k} "
+               f"(got {self.best_metric!r})")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
@@ -316,3 +328,7 @@ class Config:
         _one_of(self.engine, "engine", ("auto", "plain", "ddp", "accelerate", "deepspeed"))
         _check(not (self.loss.learn_temperature and self.loss.kind == "triplet"), "loss.learn_temperature",
                "the triplet loss uses no temperature")
+        # The state at a history item's token predicts the next item only when it is that item's
+        # own token (item_tokens) and the backbone reads left to right (last pooling: a decoder).
+        _check(not self.loss.history_positions or (self.model.item_tokens and self.model.pooling == "last"),
+               "loss.history_positions", "needs model.item_tokens=true and model.pooling=last")

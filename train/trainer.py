@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from model.loss import next_item_positions
 from model.objective import Objective
 from train import checkpoint, prepare
 from train.backbone import build_encoder
@@ -30,7 +31,7 @@ from train.config import Config
 from train.config_io import save_config
 from train.distributed import DistState
 from train.engines import Engine, RecModel, choose, init_process_group
-from train.evaluate import evaluate, format_table
+from train.evaluate import encode_sharded, evaluate, format_table
 from train.stream import TrainStream, expand_urls, make_loader
 from train.tokenizer import load_or_build
 
@@ -59,6 +60,8 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
+        self.catalog_embeddings: torch.Tensor | None = None  # loss.negatives with catalog: every item, no grad
+        self.catalog_tokens: list[list[int]] | None = None
         self.stop_signal: int | None = None
         self.previous_handlers: dict[int, Any] = {}
 
@@ -86,6 +89,11 @@ class Trainer:
         barrier()
         self.tokenizer = load_or_build(config.model, self.run_dir / "tokenizer", corpus, item_tokens)
         self.item_token_ids: list[int] = [typing.cast(int, self.tokenizer.convert_tokens_to_ids(t)) for t in item_tokens]
+        # token id -> catalog index (-1 for every other token), for the history-positions loss
+        self.token_items = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        if self.item_token_ids:
+            self.token_items[torch.tensor(self.item_token_ids)] = torch.arange(len(self.item_token_ids))
+        self.token_items = self.token_items.to(self.dist.device)
         views = config.loss.augment if config.loss.user_cl_weight > 0 else None
         self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
                                      views=views, seed=config.seed)
@@ -96,7 +104,8 @@ class Trainer:
         encoder = build_encoder(config.model, len(self.tokenizer), self.tokenizer.pad_token_id, config.seed,
                                 self.item_token_ids)
         objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
-                              lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative, lc.user_cl_weight)
+                              lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative, lc.user_cl_weight,
+                              lc.negatives, lc.history_positions)
         self.model = RecModel(encoder, objective).to(self.dist.device)
         self.encoder = self.model.encoder
 
@@ -135,8 +144,12 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
-        out = {"query": self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"]),
-               "item": self.engine.encode(batch["item_input_ids"], batch["item_attention_mask"])}
+        if self.config.loss.history_positions > 0:
+            out = dict(zip(("query", "states"), self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"],
+                                                                   every_position=True)))
+        else:
+            out = {"query": self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"])}
+        out["item"] = self.engine.encode(batch["item_input_ids"], batch["item_attention_mask"])
         for view in ("view_a", "view_b"):
             if f"{view}_input_ids" in batch:
                 out[view] = self.engine.encode(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"])
@@ -144,12 +157,35 @@ class Trainer:
 
     def loss(self, embeddings: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         views = (embeddings["view_a"], embeddings["view_b"]) if "view_a" in embeddings else None
+        positions = None
+        if "states" in embeddings:
+            positions = (embeddings["states"], *next_item_positions(batch["user_input_ids"], batch["user_attention_mask"],
+                                                                     self.token_items, batch["item_ids"]))
         return self.model.objective(embeddings["query"], embeddings["item"], batch["item_ids"],
-                                    history_ids=batch["history_ids"], logq=batch["logq"], views=views)
+                                    history_ids=batch["history_ids"], logq=batch["logq"], views=views,
+                                    catalog=self.catalog_embeddings, positions=positions)
+
+    def refresh_catalog(self) -> None:
+        """Re-encode every item (no grad, sharded over ranks) for a softmax over the whole catalog.
+
+        Between refreshes the catalog is up to catalog_refresh_every steps stale (model/loss.py's
+        catalog_loss says why the positive is stale too)."""
+        lc = self.config.loss
+        uses_catalog = lc.negatives != "batch" or lc.history_positions > 0
+        if not uses_catalog or (self.catalog_embeddings is not None and self.step % lc.catalog_refresh_every):
+            return
+        if self.catalog_tokens is None:
+            self.catalog_tokens = self.prompts.item_tokens(range(len(self.catalog)))
+        was_training = self.encoder.training
+        self.encoder.eval()
+        self.catalog_embeddings = encode_sharded(self.encoder, self.prompts, self.catalog_tokens, self.config.eval.batch_size,
+                                                 self.dist.device, "encode catalog", False).to(self.dist.device)
+        self.encoder.train(was_training)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on this rank's part of the global batch; returns the local loss."""
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        self.refresh_catalog()
         loss = self.loss(self.embed(batch), batch)
         self.engine.backward(loss)
         self.engine.step()
@@ -225,18 +261,19 @@ class Trainer:
         """Validation metrics, logged to metrics.jsonl; checkpoints this step and names it the best
         when eval.best_metric improved."""
         valid = self.evaluate("valid", show_progress=False)
+        flat = {k: v for k, v in valid.items() if k not in ("popularity", "with_history", "split")}
+        flat.update({f"with_history/{k}": v for k, v in valid["with_history"].items() if k != "popularity"})
         metric = self.config.eval.best_metric
         if self.dist.is_main:
             with (self.run_dir / "metrics.jsonl").open("a") as handle:
-                row = {f"valid/{k}": v for k, v in valid.items() if k not in ("popularity", "with_history", "split")}
-                handle.write(json.dumps({"step": self.step, **row}) + "\n")
+                handle.write(json.dumps({"step": self.step, **{f"valid/{k}": v for k, v in flat.items()}}) + "\n")
         self.save()
         best = checkpoint.read_best(self.run_dir)
-        if best is None or valid[metric] > best["value"]:
+        if best is None or flat[metric] > best["value"]:
             if self.dist.is_main:
-                checkpoint.write_best(self.run_dir, self.step, metric, valid[metric])
+                checkpoint.write_best(self.run_dir, self.step, metric, flat[metric])
                 checkpoint.prune(self.run_dir, self.config.train.keep_last)  # the previous best may go now
-            log.info("step %d: valid %s %.4f, the best so far", self.step, metric, valid[metric])
+            log.info("step %d: valid %s %.4f, the best so far", self.step, metric, flat[metric])
         barrier()
         return valid
 
@@ -271,7 +308,9 @@ class Trainer:
         if dist.is_initialized():
             dist.all_gather_object(ranks_rng, rng)
         return {"step": self.step, "batches_consumed": self.batches_consumed, "rng": ranks_rng,
-                "objective": self.model.objective.state_dict(), "objective_calls": self.model.objective.calls}
+                "objective": self.model.objective.state_dict(), "objective_calls": self.model.objective.calls,
+                # The stale negatives in use, so that a resumed run takes exactly the same steps.
+                "catalog_embeddings": None if self.catalog_embeddings is None else self.catalog_embeddings.cpu()}
 
     def save(self) -> Path:
         """Checkpoint the current step on every rank's behalf; returns its final path."""
@@ -303,6 +342,8 @@ class Trainer:
         rng = state["rng"]
         checkpoint.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        if state.get("catalog_embeddings") is not None:
+            self.catalog_embeddings = state["catalog_embeddings"].to(self.dist.device)
         log.info("resumed from %s at step %d", path, self.step)
 
     def close(self) -> None:
