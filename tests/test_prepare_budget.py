@@ -19,12 +19,19 @@ from test_prepare import EXPECTED_CATALOG, EXPECTED_COUNTS, EXPECTED_SAMPLES, EX
 from train.config_io import load_config
 from train.errors import UserError
 from train.filters import InMemoryPart, k_core, k_core_of_parts
-from train.partition import UserSample, partition_of
+from train.partition import LogSpill, Partition, UserSample, partition_of
 from train.prepare import Budget, prepare
 from train.shuffle import Permutation
 
-# One row, one partition row, one sample a piece: every boundary is crossed.
-TINY = Budget(chunk_bytes=64, partition_rows=2, samples_at_once=1, bucket_samples=1)
+
+
+def small(**sizes: int) -> Budget:
+    """A budget of these sizes, with chunks not stretched to the (small) catalog's length."""
+    return Budget(**{"chunk_bytes_per_item": 0, **sizes})
+
+
+# A few rows a chunk, two a partition, one sample at once and a shard a bucket: every boundary is crossed.
+TINY = small(chunk_bytes=64, partition_rows=2, samples_at_once=1, bucket_samples=1)
 
 
 def _prepare(overrides: list[str], budget: Budget = Budget()) -> dict[str, Any]:
@@ -36,7 +43,8 @@ def _samples(data_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, An
     for shard in manifest["shards"]:
         with tarfile.open(data_dir / shard["name"]) as tar:
             for member in tar.getmembers():
-                samples[member.name.removesuffix(".json")] = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                payload = tar.extractfile(member).read()  # type: ignore[union-attr]
+                samples[member.name.removesuffix(".json")] = json.loads(payload)
     return samples
 
 
@@ -75,11 +83,21 @@ def _random_log(tmp_path: Path, users: int = 120, items: int = 40, seed: int = 0
 
 
 @pytest.mark.parametrize("filters", [[], ["data.min_rating=2", "data.k_core=3"], ["data.k_core=6"]])
-def test_partitions_chunks_and_buckets_change_nothing(tmp_path: Path, filters: list[str]) -> None:
+def test_partitions_chunks_and_buckets_change_nothing(tmp_path: Path, filters: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = [*_random_log(tmp_path), *filters]
+    cut_into: list[int] = []
+    partitions = LogSpill.partitions
+
+    def counted(spill: LogSpill, rows: int) -> list[Partition]:
+        made = partitions(spill, rows)
+        cut_into.append(len(made))
+        return made
+
+    monkeypatch.setattr(LogSpill, "partitions", counted)
     whole = _prepare([*overrides, f"data.dir={tmp_path / 'whole'}"])
-    budgets = [Budget(chunk_bytes=100, partition_rows=150, samples_at_once=13, bucket_samples=20),
-               Budget(chunk_bytes=64, partition_rows=40, samples_at_once=3, bucket_samples=5)]
+    budgets = [small(chunk_bytes=100, partition_rows=150, samples_at_once=13, bucket_samples=20),
+               small(chunk_bytes=64, partition_rows=40, samples_at_once=3, bucket_samples=5)]
     for number, budget in enumerate(budgets):
         data_dir = tmp_path / f"cut-{number}"
         cut = _prepare([*overrides, f"data.dir={data_dir}"], budget)
@@ -91,6 +109,7 @@ def test_partitions_chunks_and_buckets_change_nothing(tmp_path: Path, filters: l
         for split in ("valid", "test"):
             assert pq.read_table(data_dir / "splits" / f"{split}.parquet").to_pylist() == pq.read_table(
                 tmp_path / "whole" / "splits" / f"{split}.parquet").to_pylist()
+    assert cut_into[0] == 1 and min(cut_into[1:]) >= 10  # the log fits one partition, or is cut in many
     sizes = [s["samples"] for s in whole["shards"]]
     assert sizes[:-1] == [7] * (len(sizes) - 1) and 1 <= sizes[-1] <= 7
     assert whole["counts"]["train_samples"] == sum(sizes)
@@ -162,7 +181,7 @@ def test_errors_in_a_later_chunk_name_the_right_line(write_dataset, fmt: str) ->
     rows[150] = ("u1", "a1", "next week")
     dataset = write_dataset(fmt, interactions=rows)
     with pytest.raises(UserError) as caught:
-        _prepare(dataset["overrides"], Budget(chunk_bytes=128))
+        _prepare(dataset["overrides"], small(chunk_bytes=128))
     line = 151 if fmt == "jsonl" else 152  # JSON lines have no header line
     assert str(caught.value) == (f"{dataset['interactions']} line {line}: column 'timestamp': "
                                  "'next week' is not a number or an ISO-8601 time")
@@ -174,13 +193,13 @@ def test_unknown_item_and_empty_user_in_a_later_chunk(write_dataset) -> None:
     rows[210] = ("u1", "zz", "5")
     dataset = write_dataset("csv", interactions=rows)
     with pytest.raises(UserError) as caught:
-        _prepare([*dataset["overrides"], "data.unknown_items=fail"], Budget(chunk_bytes=100))
+        _prepare([*dataset["overrides"], "data.unknown_items=fail"], small(chunk_bytes=100))
     assert str(caught.value) == (f"{dataset['interactions']} line 212: item not in the catalog "
                                  "(data.unknown_items=drop skips such rows): 'zz'")
     rows[250] = ("", "a1", "5")
     dataset = write_dataset("csv", interactions=rows, name="empty")
     with pytest.raises(UserError) as caught:
-        _prepare(dataset["overrides"], Budget(chunk_bytes=100))
+        _prepare(dataset["overrides"], small(chunk_bytes=100))
     assert str(caught.value) == f"{dataset['interactions']} line 252: empty 'user_id'"
 
 
@@ -189,7 +208,7 @@ def test_parquet_rows_in_a_later_chunk(write_dataset) -> None:
     rows[77] = ("u1", "zz", "5")
     dataset = write_dataset("parquet", interactions=rows)
     with pytest.raises(UserError) as caught:
-        _prepare([*dataset["overrides"], "data.unknown_items=fail"], Budget(chunk_bytes=64))  # 2 rows a chunk
+        _prepare([*dataset["overrides"], "data.unknown_items=fail"], small(chunk_bytes=64))  # 2 rows a chunk
     assert str(caught.value) == (f"{dataset['interactions']} row 78: item not in the catalog "
                                  "(data.unknown_items=drop skips such rows): 'zz'")
 
@@ -200,6 +219,30 @@ def test_numbers_then_dates_in_another_chunk(write_dataset, chunk_bytes: int) ->
     rows[60:] = [(u, i, f"2021-03-01T10:{minute % 60:02d}:00") for minute, (u, i, _) in enumerate(rows[60:])]
     dataset = write_dataset("csv", interactions=rows)
     with pytest.raises(UserError) as caught:
-        _prepare(dataset["overrides"], Budget(chunk_bytes=chunk_bytes))
+        _prepare(dataset["overrides"], small(chunk_bytes=chunk_bytes))
     # As when read whole: the first date is named (row 60, below the header).
     assert str(caught.value) == f"{dataset['interactions']} line 62: column 'timestamp': mixes numbers and dates"
+
+
+def test_logs_read_whole_go_through_the_same_chunks(tmp_path: Path) -> None:
+    # The synthetic log, like the named formats, is built whole, then cut into chunks.
+    overrides = ["data.format=synthetic", "data.synthetic.num_users=60", "data.synthetic.num_items=50",
+                 "data.shard_size=64", "device=cpu"]
+    whole = _prepare([*overrides, f"data.dir={tmp_path / 'whole'}"])
+    cut = _prepare([*overrides, f"data.dir={tmp_path / 'cut'}"],
+                   small(chunk_bytes=320, partition_rows=100, samples_at_once=10, bucket_samples=64))
+    assert cut["counts"] == whole["counts"] and cut["shards"] == whole["shards"]
+    assert {k: v for k, v in cut["files"].items() if k.startswith("shards/")} == {
+        k: v for k, v in whole["files"].items() if k.startswith("shards/")}
+    for split in ("valid", "test"):
+        assert pq.read_table(tmp_path / "cut" / "splits" / f"{split}.parquet").to_pylist() == pq.read_table(
+            tmp_path / "whole" / "splits" / f"{split}.parquet").to_pylist()
+
+
+def test_a_log_of_no_rows(write_dataset) -> None:
+    dataset = write_dataset("csv", interactions=[])
+    with pytest.raises(UserError) as caught:
+        _prepare(dataset["overrides"], TINY)
+    assert str(caught.value) == (f"{dataset['interactions']}: no user has two training interactions; "
+                                 "nothing to train on")
+    assert not dataset["dir"].parent.exists()

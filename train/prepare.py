@@ -50,6 +50,7 @@ class Budget:
     """How much of the log prepare holds in memory at once; the catalog is always held whole."""
 
     chunk_bytes: int = 4 << 20  # raw text read and checked at once (Parquet: rows of about 32 bytes)
+    chunk_bytes_per_item: int = 32  # ... or this much a catalog item, if more (see sources.read)
     partition_rows: int = 500_000  # interactions grouped and split at once (a partition)
     samples_at_once: int = 50_000  # training samples (and their histories) made at once
     bucket_samples: int = 100_000  # samples put in shuffled order at once (rounded to whole shards)
@@ -137,7 +138,8 @@ def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_
     train_counts = np.bincount(items[in_train], minlength=n_items)
     target_counts = np.bincount(items[is_target], minlength=n_items)
     sample_at = np.flatnonzero(is_target)
-    samples = {"users": first_user + user_of[sample_at], "starts": user_starts[user_of[sample_at]], "ts": position[sample_at]}
+    samples = {"users": first_user + user_of[sample_at], "starts": user_starts[user_of[sample_at]],
+               "ts": position[sample_at]}
     split_users = np.flatnonzero(held_out)
     splits = {}
     for split, from_end in (("valid", 2), ("test", 1)):
@@ -151,7 +153,6 @@ def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_
                                                 pa.array(items[in_history], pa.int64())),
             "target": pa.array(items[user_starts[split_users] + history_lengths], pa.int64())})
     return samples, train_counts, target_counts, splits
-
 
 
 SPLIT_SCHEMA = pa.schema([("user_index", pa.int64()), ("user_id", pa.string()), ("history", pa.list_(pa.int64())),
@@ -252,7 +253,7 @@ def _prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bu
     data = config.data
     spill_dir = tmp_dir / "spill"
     spill_dir.mkdir(parents=True)
-    source, catalog = sources.read(config, budget.chunk_bytes)
+    source, catalog = sources.read(config, budget.chunk_bytes, budget.chunk_bytes_per_item)
     spill = LogSpill(spill_dir)
     try:
         dropped = sources.spill_log(config, source, catalog.column("item_id").combine_chunks(), spill)

@@ -71,7 +71,7 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str, bloc
     """`read_columns`, one block of about `block_bytes` of the file at a time, in file order.
 
     Memory is a block's, whatever the file's length. A text block holds whole lines; a Parquet
-    block is `block_bytes // PARQUET_ROW_BYTES` rows. Errors raise `UserError` as in read_columns,
+    block is `block_bytes // ROW_BYTES` rows. Errors raise `UserError` as in read_columns,
     possibly after earlier blocks were yielded.
     """
     path = _existing(path, role)
@@ -84,8 +84,8 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str, bloc
         raise _unreadable(path, fmt, err) from None
 
 
-# A Parquet row of ids and a time holds a few tens of bytes of text: the rows per block.
-PARQUET_ROW_BYTES = 32
+# A log row of ids and a time is a few tens of bytes of text: a Parquet block's rows are its bytes / this.
+ROW_BYTES = 32
 
 
 def _open_batches(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Iterator[pa.RecordBatch]:
@@ -94,7 +94,7 @@ def _open_batches(path: Path, fmt: str, columns: list[str], block_bytes: int) ->
     if fmt == "parquet":
         parquet = pq.ParquetFile(path)
         _require(path, columns, parquet.schema_arrow.names)
-        return parquet.iter_batches(batch_size=max(1, block_bytes // PARQUET_ROW_BYTES), columns=columns)
+        return parquet.iter_batches(batch_size=max(1, block_bytes // ROW_BYTES), columns=columns)
     if fmt == "jsonl":
         # Arrow infers the JSON types from the first block; one line must fit in a block.
         reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block_bytes))

@@ -47,32 +47,39 @@ def _chunks_of(table: pa.Table, rows: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
 
 
-def read(config: Config, chunk_bytes: int) -> tuple[LogSource, pa.Table]:
-    """(the log, the checked catalog: item_id and text fields). Generic files are read `chunk_bytes`
-    of text at a time."""
+def read(config: Config, chunk_bytes: int, chunk_bytes_per_item: int) -> tuple[LogSource, pa.Table]:
+    """(the log, the checked catalog: item_id and text fields).
+
+    The log comes in chunks of `chunk_bytes` of text (rows of readers.ROW_BYTES where there is
+    no text), or `chunk_bytes_per_item` a catalog item if that is more: each chunk's item lookup
+    hashes the whole catalog, which chunks at least that long keep to a small share of the time.
+    """
     data, cols = config.data, config.data.columns
-    rows = max(1, chunk_bytes // readers.PARQUET_ROW_BYTES)
+
+    def rows(catalog: pa.Table) -> int:
+        return max(1, max(chunk_bytes, catalog.num_rows * chunk_bytes_per_item) // readers.ROW_BYTES)
+
     if data.format == "synthetic":
         interactions, catalog = synthetic.generate(data.synthetic, config.seed)
-        return LogSource(_chunks_of(interactions, rows), interactions.column_names, lambda row: "interactions",
-                         {}), catalog
+        return LogSource(_chunks_of(interactions, rows(catalog)), interactions.column_names,
+                         lambda row: "interactions", {}), catalog
     if data.format in formats.FORMATS:
         source, catalog_source = formats.read(data.format, data.interactions, data.catalog)
-        return (LogSource(_chunks_of(source.table, rows), source.table.column_names, source.where, source.names),
-                _checked_catalog(config, catalog_source))
+        catalog = _checked_catalog(config, catalog_source)
+        return (LogSource(_chunks_of(source.table, rows(catalog)), source.table.column_names, source.where,
+                          source.names), catalog)
     id_col = data.catalog_columns.item
     catalog = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(data.catalog_columns.text)],
                                    "data.catalog")
-    catalog_source = formats.Source(catalog.rename_columns(["item_id", *catalog.column_names[1:]]),
-                                    _lines(data.catalog, data.format), {"item_id": id_col})
+    catalog = _checked_catalog(config, formats.Source(catalog.rename_columns(["item_id", *catalog.column_names[1:]]),
+                                                      _lines(data.catalog, data.format), {"item_id": id_col}))
     names = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.timestamp}
     if data.min_rating > float("-inf"):
         names["rating"] = cols.rating
     file_chunks = readers.iter_columns(data.interactions, data.format, list(dict.fromkeys(names.values())),
-                                       "data.interactions", chunk_bytes)
+                                       "data.interactions", rows(catalog) * readers.ROW_BYTES)
     chunks = (pa.table({name: chunk.column(column) for name, column in names.items()}) for chunk in file_chunks)
-    return (LogSource(chunks, list(names), _lines(data.interactions, data.format), names),
-            _checked_catalog(config, catalog_source))
+    return LogSource(chunks, list(names), _lines(data.interactions, data.format), names), catalog
 
 
 def _lines(path: str, fmt: str) -> Callable[[int], str]:
