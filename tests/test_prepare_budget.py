@@ -95,6 +95,7 @@ def test_partitions_chunks_and_buckets_change_nothing(tmp_path: Path, filters: l
         return made
 
     monkeypatch.setattr(LogSpill, "partitions", counted)
+    monkeypatch.setattr("train.partition.OPEN_PARTITIONS", 3)  # route in several passes
     whole = _prepare([*overrides, f"data.dir={tmp_path / 'whole'}"])
     budgets = [small(chunk_bytes=100, partition_rows=150, samples_at_once=13, bucket_samples=20),
                small(chunk_bytes=64, partition_rows=40, samples_at_once=3, bucket_samples=5)]

@@ -160,30 +160,42 @@ class LogSpill:
         return partitions
 
 
+# Partition files written at once: a log cut into more is routed in several passes, so that
+# the open files stay well under the usual limit of 1024 a process.
+OPEN_PARTITIONS = 256
+
+
 def _route(path: Path, boundaries: pa.Array, directory: Path) -> list[Partition]:
     """Copy the rows of `path` into one file per range of user ids, each in file order."""
-    paths = [directory / f"part-{p:05d}.arrow" for p in range(len(boundaries) + 1)]
-    sinks = [pa.OSFile(str(p), "wb") for p in paths]
-    writers = [pa.ipc.new_file(sink, SPILL_SCHEMA) for sink in sinks]
-    rows = np.zeros(len(paths), np.int64)
-    try:
-        with pa.OSFile(str(path)) as source:
-            reader = pa.ipc.open_file(source)
-            for index in range(reader.num_record_batches):
-                batch = reader.get_batch(index)
-                part = partition_of(batch.column("user_id"), boundaries)
-                order = np.argsort(part, kind="stable")
-                ends = np.cumsum(np.bincount(part, minlength=len(paths)))
-                grouped = batch.take(pa.array(order))
-                for p, (begin, end) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
-                    if end > begin:
-                        writers[p].write_batch(grouped.slice(int(begin), int(end - begin)))
-                rows += ends - np.r_[0, ends[:-1]]
-    finally:
-        for writer, sink in zip(writers, sinks):
-            writer.close()
-            sink.close()
-    return [Partition(p, int(n)) for p, n in zip(paths, rows)]
+    count = len(boundaries) + 1
+    rows = np.zeros(count, np.int64)
+    for first in range(0, count, OPEN_PARTITIONS):
+        group = range(first, min(first + OPEN_PARTITIONS, count))
+        sinks = [pa.OSFile(str(_part_path(directory, p)), "wb") for p in group]
+        writers = [pa.ipc.new_file(sink, SPILL_SCHEMA) for sink in sinks]
+        try:
+            with pa.OSFile(str(path)) as source:
+                reader = pa.ipc.open_file(source)
+                for index in range(reader.num_record_batches):
+                    batch = reader.get_batch(index)
+                    part = partition_of(batch.column("user_id"), boundaries) - first
+                    counts = np.bincount(part[(part >= 0) & (part < len(group))], minlength=len(group))
+                    grouped = batch.take(pa.array(np.argsort(part, kind="stable")))
+                    begin = int(np.count_nonzero(part < 0))  # rows of earlier groups sort first
+                    for writer, rows_here in zip(writers, counts.tolist()):
+                        if rows_here:
+                            writer.write_batch(grouped.slice(begin, rows_here))
+                        begin += rows_here
+                    rows[first:first + len(group)] += counts
+        finally:
+            for writer, sink in zip(writers, sinks):
+                writer.close()
+                sink.close()
+    return [Partition(_part_path(directory, p), int(n)) for p, n in enumerate(rows)]
+
+
+def _part_path(directory: Path, partition: int) -> Path:
+    return directory / f"part-{partition:05d}.arrow"
 
 
 def _read_ipc(path: Path) -> pa.Table:
