@@ -1,16 +1,19 @@
-"""How `rectrain prepare` scales: time and peak memory on a generated interaction log.
+"""How `rectrain prepare` scales: time and peak memory on generated interaction logs.
 
-    python benchmarks/prepare_scale.py [--interactions 1000000] [--users N] [--items N] [--keep DIR]
+    python benchmarks/prepare_scale.py [--interactions 1000000 4000000] [--users N] [--items N] [--keep DIR]
     python benchmarks/prepare_scale.py --write-only [--samples 200000]
     python benchmarks/prepare_scale.py --profile [--interactions 200000]
     python benchmarks/prepare_scale.py --generate DIR [--interactions N]   # just write the CSVs
 
-Default mode generates a log of `--interactions` rows (users active by a log-normal spread,
-items by a Zipf popularity, timestamps, shuffled file order) as interactions.csv plus a
-catalog.csv in a temporary directory (in a child process, timed apart), then runs
-`python -m train.cli prepare` on it in a child process and prints the counts, shard sizes, wall
-time and that child's peak RSS (from os.wait4: `/usr/bin/time -v`'s figure), next to the peak
-RSS of a child that only imports the CLI (the fixed cost of Python, torch and pyarrow).
+Default mode, for each size in `--interactions` (default 1M and 4M, the same 50,000-item
+catalog), generates a log of that many rows (users active by a log-normal spread, one user per
+50 rows unless --users; items by a Zipf popularity; timestamps; shuffled file order) as
+interactions.csv plus a catalog.csv in a temporary directory (in a child process, timed
+apart), then runs `python -m train.cli prepare` on it in a child process, and prints the sizes
+side by side: counts, shard sizes, wall time and that child's peak RSS (from os.wait4:
+`/usr/bin/time -v`'s figure), next to the peak RSS of a child that only imports the CLI (the
+fixed cost of Python, torch and pyarrow). Prepare's memory is bounded by the catalog and
+train.prepare.Budget, so the peak RSS should stay level from one size to the next.
 
 --write-only times just the shard writer on synthetic arrays of `--samples` training samples:
 prepare's tarfile writer (`train.prepare._write_shards`, while it exists) against
@@ -28,10 +31,12 @@ import io
 import os
 import pstats
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,47 +103,87 @@ def _check(code: int, what: str, log: Path) -> None:
         sys.exit(f"{what} failed ({code}):\n{log.read_text()[-4000:]}")
 
 
-def run_prepare(args: argparse.Namespace) -> None:
+@dataclass
+class Run:
+    """The figures of one prepare run."""
+
+    counts: dict[str, int]
+    shards: int
+    shard_bytes: int
+    log_bytes: int
+    generated: float  # seconds generating the log (a separate child)
+    wall: float  # seconds of the prepare child, imports included
+    seconds: float  # prepare's own seconds (the manifest's)
+    peak_rss: float  # MB
+    commands: list[list[str]]
+
+
+def _prepare_once(directory: Path, interactions: int, args: argparse.Namespace) -> Run:
+    """Generate a log of `interactions` rows in `directory` and prepare it in a child process."""
     import json
 
+    directory.mkdir(parents=True, exist_ok=True)
+    users = args.users or max(1, interactions // 50)
+    generate_command = [sys.executable, str(Path(__file__).resolve()), "--generate", str(directory),
+                        "--interactions", str(interactions), "--users", str(users),
+                        "--items", str(args.items), "--seed", str(args.seed)]
+    generated, _, code = _run_measured(generate_command, directory / "generate.log")
+    _check(code, "generating the log", directory / "generate.log")
+    config = _write_config(directory, args.max_history, args.shard_size)
+    data_dir = directory / "prepared"
+    command = [sys.executable, "-m", "train.cli", "prepare", str(config), "data.format=csv",
+               f"data.interactions={directory / 'interactions.csv'}", f"data.catalog={directory / 'catalog.csv'}",
+               f"data.dir={data_dir}"]
+    wall, peak_rss, code = _run_measured(command, directory / "prepare.log")
+    _check(code, "prepare", directory / "prepare.log")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return Run(counts=manifest["counts"], shards=len(manifest["shards"]),
+               shard_bytes=sum((data_dir / s["name"]).stat().st_size for s in manifest["shards"]),
+               log_bytes=(directory / "interactions.csv").stat().st_size, generated=generated, wall=wall,
+               seconds=manifest["seconds"], peak_rss=peak_rss, commands=[generate_command, command])
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    """Prepare a generated log of each size in `--interactions` (the same catalog) and print the
+    figures side by side: with memory bounded by the catalog, peak RSS stays level as the log grows."""
     with tempfile.TemporaryDirectory(prefix="prepare-scale-") as tmp:
-        directory = Path(args.keep) if args.keep else Path(tmp)
-        directory.mkdir(parents=True, exist_ok=True)
-        interactions, catalog = directory / "interactions.csv", directory / "catalog.csv"
-        generate_command = [sys.executable, str(Path(__file__).resolve()), "--generate", str(directory),
-                            "--interactions", str(args.interactions), "--users", str(args.users),
-                            "--items", str(args.items), "--seed", str(args.seed)]
-        generated, _, code = _run_measured(generate_command, directory / "generate.log")
-        _check(code, "generating the log", directory / "generate.log")
-        config = _write_config(directory, args.max_history, args.shard_size)
-        data_dir = directory / "prepared"
-        command = [sys.executable, "-m", "train.cli", "prepare", str(config), "data.format=csv",
-                   f"data.interactions={interactions}", f"data.catalog={catalog}", f"data.dir={data_dir}"]
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         _, import_rss, code = _run_measured([sys.executable, "-c", "import train.cli, train.prepare"],
-                                            directory / "import.log")
-        _check(code, "importing the CLI", directory / "import.log")
-        wall, peak_rss, code = _run_measured(command, directory / "prepare.log")
-        _check(code, "prepare", directory / "prepare.log")
-        manifest = json.loads((data_dir / "manifest.json").read_text())
-        counts = manifest["counts"]
-        shard_bytes = sum((data_dir / s["name"]).stat().st_size for s in manifest["shards"])
+                                            root / "import.log")
+        _check(code, "importing the CLI", root / "import.log")
+        runs = []
+        for interactions in args.interactions:
+            directory = root / f"log-{interactions}"
+            runs.append(_prepare_once(directory, interactions, args))
+            if not args.keep:  # shards take about 1 KB a sample: free the disk before the next size
+                shutil.rmtree(directory)
         rows = [
-            ("interactions", f"{counts['interactions']:,}"), ("users", f"{counts['users']:,}"),
-            ("items", f"{counts['items']:,}"), ("training samples", f"{counts['train_samples']:,}"),
-            ("shards", f"{len(manifest['shards'])}"), ("total shard bytes", f"{shard_bytes:,} ({shard_bytes / 2**20:.1f} MiB)"),
-            ("generating the log", f"{generated:.1f} s (a child process; not part of prepare)"),
-            ("prepare wall time", f"{wall:.1f} s (child process, imports included)"),
-            ("prepare's own time", f"{manifest['seconds']:.1f} s (manifest 'seconds')"),
-            ("peak RSS", f"{peak_rss:.0f} MB (the prepare process)"),
-            ("peak RSS, imports only", f"{import_rss:.0f} MB (python -c 'import train.cli, train.prepare')"),
-            ("cores", f"{os.cpu_count()}"),
+            ("interactions", [f"{r.counts['interactions']:,}" for r in runs]),
+            ("users", [f"{r.counts['users']:,}" for r in runs]),
+            ("items", [f"{r.counts['items']:,}" for r in runs]),
+            ("training samples", [f"{r.counts['train_samples']:,}" for r in runs]),
+            ("log file", [f"{r.log_bytes / 2**20:.0f} MiB" for r in runs]),
+            ("shards", [f"{r.shards} ({r.shard_bytes / 2**20:.0f} MiB)" for r in runs]),
+            ("generating the log", [f"{r.generated:.1f} s" for r in runs]),
+            ("prepare wall time", [f"{r.wall:.1f} s" for r in runs]),
+            ("prepare's own time", [f"{r.seconds:.1f} s" for r in runs]),
+            ("peak RSS", [f"{r.peak_rss:.0f} MB" for r in runs]),
+            ("peak RSS over imports", [f"{r.peak_rss - import_rss:.0f} MB" for r in runs]),
         ]
         width = max(len(name) for name, _ in rows)
-        for name, value in rows:
-            print(f"{name:<{width}}  {value}")
-        print("reproduce (from the repository root; the second line alone re-runs prepare on kept files):")
-        for line in (generate_command, command):
-            print("  " + " ".join(shlex.quote(part) for part in line))
+        widths = [max(len(values[i]) for _, values in rows) for i in range(len(runs))]
+        for name, values in rows:
+            print(f"{name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, widths)))
+        print(f"peak RSS, imports only: {import_rss:.0f} MB (python -c 'import train.cli, train.prepare'); "
+              f"cores: {os.cpu_count()}")
+        print("prepare wall time: the child process, imports included; prepare's own time: the manifest's "
+              "'seconds'; generating the log: a separate child, not part of prepare")
+        print("reproduce (from the repository root; per size, the second line alone re-runs prepare on kept files):")
+        print("  " + " ".join(shlex.quote(part) for part in [sys.executable, *sys.argv]))
+        for run in runs:
+            for line in run.commands:
+                print("  " + " ".join(shlex.quote(part) for part in line))
         if not args.keep:
             print("  (these files were in a temporary directory, now removed; --keep DIR keeps them)")
 
@@ -238,7 +283,8 @@ def run_profile(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--interactions", type=int, default=1_000_000, help="rows of the generated log")
+    parser.add_argument("--interactions", type=int, nargs="+", default=[1_000_000, 4_000_000],
+                        help="rows of the generated log; several sizes are prepared one after another")
     parser.add_argument("--users", type=int, default=0, help="users (default: interactions / 50)")
     parser.add_argument("--items", type=int, default=50_000, help="catalog items")
     parser.add_argument("--max-history", type=int, default=20, help="data.max_history")
@@ -252,7 +298,9 @@ def main() -> None:
     parser.add_argument("--generate", default="", metavar="DIR", help="only write the log and catalog CSVs into DIR")
     parser.add_argument("--top", type=int, default=25, help="--profile: rows per table")
     args = parser.parse_args()
-    args.users = args.users or max(1, args.interactions // 50)
+    if args.generate or args.profile:
+        args.interactions = args.interactions[0]
+        args.users = args.users or max(1, args.interactions // 50)
     if args.generate:
         generate(Path(args.generate), args.interactions, args.users, args.items, args.seed)
     elif args.write_only:

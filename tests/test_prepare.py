@@ -187,7 +187,7 @@ def test_manifest(write_dataset) -> None:
     dataset = write_dataset("csv")
     manifest = _prepare(dataset)
     assert manifest == json.loads((dataset["dir"] / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["counts"] == EXPECTED_COUNTS
     assert manifest["text_fields"] == ["title", "genre"]
     assert sorted(manifest["files"]) == ["catalog.parquet", "shards/train-000000.tar", "shards/train-000001.tar",

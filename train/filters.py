@@ -1,71 +1,91 @@
-"""Filters prepare applies to the interaction log: a minimum rating, then the iterative k-core.
+"""The iterative k-core filter prepare applies to the interaction log (after data.min_rating).
 
-Both are vectorised over the whole log (numpy bincounts, Arrow filters): one pass per k-core
-round, never a Python step per interaction, so they stay cheap on logs of tens of millions.
+The log may be cut into parts, each holding every interaction of its users (prepare keeps
+them on disk, one in memory at a time): a user's count is then local to one part, and only
+the item counts, catalog-sized, are summed over parts. Each round is vectorised (numpy
+bincounts), never a Python step per interaction.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from train.errors import UserError
+
+class CorePart(Protocol):
+    """A part of the log that holds all the interactions of its users."""
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(user code of each interaction, from 0 within the part; its catalog index; users in the part)."""
+        ...
+
+    def keep(self) -> np.ndarray:
+        """Which of the part's interactions are still in the core (all, before the first round)."""
+        ...
+
+    def set_keep(self, keep: np.ndarray) -> None:
+        ...
+
+
+@dataclass
+class InMemoryPart:
+    """A part held in arrays."""
+
+    user_codes: np.ndarray
+    item_codes: np.ndarray
+    n_users: int
+    kept: np.ndarray | None = None
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray, int]:
+        return self.user_codes, self.item_codes, self.n_users
+
+    def keep(self) -> np.ndarray:
+        return np.ones(len(self.user_codes), dtype=bool) if self.kept is None else self.kept
+
+    def set_keep(self, keep: np.ndarray) -> None:
+        self.kept = keep
 
 
 def k_core(user_codes: np.ndarray, item_codes: np.ndarray, n_users: int, n_items: int,
            k: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The k-core: (interactions kept, items kept, rounds that removed something).
+    """The k-core of one in-memory log: (interactions kept, items kept, rounds that removed something)."""
+    part = InMemoryPart(np.asarray(user_codes), np.asarray(item_codes), n_users)
+    items_kept, rounds = k_core_of_parts([part], n_items, k)
+    return part.keep(), items_kept, rounds
+
+
+def k_core_of_parts(parts: Sequence[CorePart], n_items: int, k: int) -> tuple[np.ndarray, int]:
+    """The k-core of a log cut into parts: (items kept, rounds that removed something); each
+    part's `keep` is left holding its interactions in the core.
 
     Each round removes at once every interaction of a user or an item with fewer than `k`
     interactions left; removing some can push others below `k`, so rounds repeat until none is
     removed. The result, the largest sub-log where every user and item has >= k interactions,
-    does not depend on the order of removal. Items without any interaction are not in the core.
+    does not depend on the order of removal, nor on how the log is cut. Items without any
+    interaction are not in the core.
     """
-    keep = np.ones(len(user_codes), dtype=bool)
+    item_counts = np.zeros(n_items, np.int64)
+    for part in parts:
+        item_counts += np.bincount(part.codes()[1], minlength=n_items)
     rounds = 0
     while True:
-        user_counts = np.bincount(user_codes[keep], minlength=n_users)
-        item_counts = np.bincount(item_codes[keep], minlength=n_items)
-        short = keep & ((user_counts[user_codes] < k) | (item_counts[item_codes] < k))
-        if not short.any():
-            return keep, item_counts >= k, rounds
-        keep &= ~short
+        # Every part is judged on the counts at the start of the round, as if the log were whole.
+        removed = False
+        counts_left = np.zeros(n_items, np.int64)
+        for part in parts:
+            user_codes, item_codes, n_users = part.codes()
+            keep = part.keep()
+            user_counts = np.bincount(user_codes[keep], minlength=n_users)
+            short = keep & ((user_counts[user_codes] < k) | (item_counts[item_codes] < k))
+            if short.any():
+                keep = keep & ~short
+                part.set_keep(keep)
+                removed = True
+            counts_left += np.bincount(item_codes[keep], minlength=n_items)
+        if not removed:
+            return item_counts >= k, rounds
+        item_counts = counts_left
         rounds += 1
-
-
-def filter_log(interactions: pa.Table, n_items: int, min_rating: float,
-               k: int) -> tuple[pa.Table, np.ndarray | None, dict[str, Any]]:
-    """Apply data.min_rating and data.k_core to `interactions` (user_id, item_index[, rating]).
-
-    Returns the kept interactions, the catalog items the k-core keeps (None without a k-core:
-    the catalog stays whole) and the report written into the manifest.
-    """
-    report: dict[str, Any] = {"min_rating": None, "removed_by_min_rating": 0, "k_core": k, "k_core_iterations": 0,
-                              "removed_by_k_core_interactions": 0, "k_core_users_removed": 0,
-                              "k_core_items_removed": 0}
-    if min_rating > float("-inf"):
-        # NaN ratings compare False: they are removed too.
-        rated = pc.fill_null(pc.greater_equal(interactions.column("rating"), min_rating), False)
-        kept = interactions.filter(rated)
-        if kept.num_rows == 0:
-            raise UserError(f"data.min_rating: no interaction is rated {min_rating:g} or more "
-                            f"(of {interactions.num_rows}); lower data.min_rating")
-        report.update(min_rating=min_rating, removed_by_min_rating=interactions.num_rows - kept.num_rows)
-        interactions = kept
-    if k <= 0:
-        return interactions, None, report
-    users = interactions.column("user_id").combine_chunks().dictionary_encode()
-    user_codes = users.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    item_codes = interactions.column("item_index").to_numpy(zero_copy_only=False).astype(np.int64)
-    n_users = len(users.dictionary)
-    keep, items_kept, rounds = k_core(user_codes, item_codes, n_users, n_items, k)
-    if not keep.any():
-        raise UserError(f"data.k_core: the {k}-core removes every user (of {n_users} users, {len(keep)} "
-                        "interactions); lower data.k_core")
-    report.update(k_core_iterations=rounds, removed_by_k_core_interactions=int((~keep).sum()),
-                  k_core_users_removed=n_users - int(np.count_nonzero(np.bincount(user_codes[keep]))),
-                  k_core_items_removed=int(n_items - items_kept.sum()))
-    return interactions.filter(pa.array(keep)), items_kept, report

@@ -6,8 +6,14 @@ interactions are ordered by time (ties keep file order). Leave-one-out: the last
 test target, the one before it the validation target, the rest are training; users with fewer
 than 3 interactions only train. Every training position t >= 1 of a user becomes a
 sample (history = the previous `max_history` items, target = item t). Shards carry catalog
-indices only; text is rendered at load time. Everything is written into a temporary directory
-renamed over `data.dir` at the end, so a failed prepare leaves nothing half-written.
+indices only; text is rendered at load time. Users are numbered in user id order.
+
+Memory does not grow with the log, only with the catalog and a `Budget`: the log is read in
+chunks (train.sources) and spilled to disk in partitions by ranges of user id
+(train.partition), each grouped and split alone; the training samples are shuffled over the
+whole log through bucket files (train.shuffle). Everything, the spill included, is written
+into a temporary directory renamed over `data.dir` at the end, so a failed prepare leaves
+nothing half-written.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +32,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from train import filters, formats, readers, synthetic
+from train import filters, sources
 from train.config import Config
 from train.errors import UserError
-from train.shards import write_training_shards
+from train.partition import DiskCorePart, LogSpill, Partition
+from train.shards import ShardWriter, histories
+from train.shuffle import SampleBuckets, write_shards
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: the shuffle is a seeded Feistel permutation (train.shuffle), not numpy's permutation.
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the log prepare holds in memory at once; the catalog is always held whole."""
+
+    chunk_bytes: int = 4 << 20  # raw text read and checked at once (Parquet: rows of about 32 bytes)
+    chunk_bytes_per_item: int = 32  # ... or this much a catalog item, if more (see sources.read)
+    partition_rows: int = 500_000  # interactions grouped and split at once (a partition)
+    samples_at_once: int = 50_000  # training samples (and their histories) made at once
+    bucket_samples: int = 100_000  # samples put in shuffled order at once (rounded to whole shards)
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
@@ -79,98 +98,15 @@ def is_prepared(config: Config) -> bool:
     return manifest is not None and manifest.get("fingerprint") == json.loads(json.dumps(fingerprint(config)))
 
 
-# ---------------------------------------------------------------------------- reading
-
-def _read(config: Config) -> tuple[formats.Source, formats.Source]:
-    """(interactions, catalog) under the standard column names: user_id, item_id, timestamp[, rating];
-    item_id and text fields. Named formats map their own fields; the others use data.columns.*."""
-    data, cols = config.data, config.data.columns
-    if data.format in formats.FORMATS:
-        return formats.read(data.format, data.interactions, data.catalog)
-    id_col = data.catalog_columns.item
-    catalog = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(data.catalog_columns.text)],
-                                   "data.catalog")
-    names = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.timestamp}
-    if data.min_rating > float("-inf"):
-        names["rating"] = cols.rating
-    table = readers.read_columns(data.interactions, data.format, list(dict.fromkeys(names.values())),
-                                 "data.interactions")
-
-    def lines(path: str) -> Callable[[int], str]:
-        return lambda row: readers.row_location(Path(path), data.format, row)
-
-    return (formats.Source(pa.table({name: table.column(column) for name, column in names.items()}),
-                           lines(data.interactions), names),
-            formats.Source(catalog.rename_columns(["item_id", *catalog.column_names[1:]]), lines(data.catalog),
-                           {"item_id": id_col}))
-
-
-def _checked_catalog(config: Config, source: formats.Source) -> pa.Table:
-    """item_id and the data.catalog_columns.text fields; ids present and unique."""
-    data, table = config.data, source.table
-    text_cols = list(dict.fromkeys(data.catalog_columns.text))
-    for name in text_cols:
-        if name not in table.column_names:  # only the named formats get here: read_columns checks the rest
-            fields = ", ".join(c for c in table.column_names if c != "item_id")
-            raise UserError(f"data.catalog_columns.text: data.format={data.format} catalogs have no field "
-                            f"{name!r} (fields: {fields})")
-    table = table.select(["item_id", *text_cols])
-    if table.num_rows == 0:
-        raise UserError(f"{data.catalog}: the catalog is empty")
-    id_name = source.name("item_id")
-    empty = readers.first_empty(table.column("item_id"))
-    if empty is not None:
-        raise UserError(f"{source.where(empty)}: empty {id_name!r}")
-    ids = table.column("item_id")
-    if pc.count_distinct(ids).as_py() != table.num_rows:
-        unique = pc.unique(ids)
-        counts = pc.value_counts(ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        row = int(np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))[1])
-        raise UserError(f"{source.where(row)}: item {dup!r} appears twice "
-                        f"in the catalog ({len(unique)} distinct of {table.num_rows})")
-    return table
-
-
-def _checked_interactions(config: Config, source: formats.Source) -> pa.Table:
-    """user_id, item_id, timestamp (float64 seconds) and, with data.min_rating, rating (float64)."""
-    table, filter_ratings = source.table, config.data.min_rating > float("-inf")
-    if filter_ratings and "rating" not in table.column_names:
-        raise UserError(f"data.min_rating: {config.data.interactions} has no ratings to filter on")
-    names = ["user_id", "item_id", "timestamp", *(["rating"] if filter_ratings else [])]
-    for name in names:  # a null time would sort silently as NaN
-        empty = readers.first_empty(table.column(name))
-        if empty is not None:
-            raise UserError(f"{source.where(empty)}: empty {source.name(name)!r}")
-    columns = {"user_id": table.column("user_id"), "item_id": table.column("item_id"),
-               "timestamp": pa.array(readers.parse_timestamps(table.column("timestamp"), source.name("timestamp"),
-                                                              source.where), pa.float64())}
-    if filter_ratings:
-        columns["rating"] = pa.array(readers.parse_numbers(table.column("rating"), source.name("rating"),
-                                                           source.where), pa.float64())
-    return pa.table(columns)
-
-
-def _sources(config: Config) -> tuple[pa.Table, pa.Table, Callable[[int], str]]:
-    """(interactions, catalog, where an interaction row is in its file)."""
-    if config.data.format == "synthetic":
-        interactions, catalog = synthetic.generate(config.data.synthetic, config.seed)
-        return (interactions.set_column(2, "timestamp", pc.cast(interactions["timestamp"], pa.float64())), catalog,
-                lambda row: "interactions")
-    interactions, catalog = _read(config)
-    return _checked_interactions(config, interactions), _checked_catalog(config, catalog), interactions.where
-
-
 # -------------------------------------------------------------------------- splitting
 
 def _sequences(interactions: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """Sort by (user, time, file order); return user ids, their run starts and the item column."""
-    interactions = interactions.append_column("row", pa.array(np.arange(interactions.num_rows)))
+    """Sort by (user, time, file row); return user ids, their run starts and the item column."""
     ordered = interactions.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("row", "ascending")])
     users = ordered.column("user_id").combine_chunks()
     codes = users.dictionary_encode().indices.to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
-    items = ordered.column("item_index").to_numpy(zero_copy_only=False).astype(np.int64)
+    items = ordered.column("item").to_numpy().astype(np.int64)
     return users.take(pa.array(starts)), np.r_[starts, len(codes)], items
 
 
@@ -181,10 +117,12 @@ def _sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_items: int
+
+def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_items: int, first_user: int = 0
                    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, pa.Table]]:
     """Leave-one-out over all users at once, with no Python work per user or per sample.
 
+    Users are numbered from `first_user` in the order of `user_ids`.
     Returns the training samples as arrays (`users`, `starts`: where the user's sequence begins
     in `items`, `ts`: the target's position in it), in the order of user then t; each item's
     count in training sequences and as a training target; and the valid and test split tables.
@@ -200,7 +138,8 @@ def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_
     train_counts = np.bincount(items[in_train], minlength=n_items)
     target_counts = np.bincount(items[is_target], minlength=n_items)
     sample_at = np.flatnonzero(is_target)
-    samples = {"users": user_of[sample_at], "starts": user_starts[user_of[sample_at]], "ts": position[sample_at]}
+    samples = {"users": first_user + user_of[sample_at], "starts": user_starts[user_of[sample_at]],
+               "ts": position[sample_at]}
     split_users = np.flatnonzero(held_out)
     splits = {}
     for split, from_end in (("valid", 2), ("test", 1)):
@@ -208,7 +147,7 @@ def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_
         history_lengths = lengths[split_users] - from_end
         in_history = held_out[user_of] & (position < (lengths - from_end)[user_of])
         splits[split] = pa.table({
-            "user_index": pa.array(split_users, pa.int64()),
+            "user_index": pa.array(first_user + split_users, pa.int64()),
             "user_id": pc.cast(user_ids.take(pa.array(split_users)), pa.string()),
             "history": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(history_lengths)], pa.int32()),
                                                 pa.array(items[in_history], pa.int64())),
@@ -216,77 +155,181 @@ def _leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_
     return samples, train_counts, target_counts, splits
 
 
-def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
-    """Prepare `config.data` into `config.data.dir`; return the manifest."""
-    started = time.perf_counter()
+SPLIT_SCHEMA = pa.schema([("user_index", pa.int64()), ("user_id", pa.string()), ("history", pa.list_(pa.int64())),
+                          ("target", pa.int64())])
+
+
+@dataclass
+class _Totals:
+    """What the partitions add up to, catalog-sized counts included."""
+
+    train_counts: np.ndarray
+    target_counts: np.ndarray
+    users: int = 0
+    interactions: int = 0
+    samples: int = 0
+    split_users: int = 0
+
+
+def _k_core(partitions: list[Partition], n_items: int, k: int) -> tuple[np.ndarray, dict[str, int]]:
+    """The k-core over the partitions (each left keeping its rows in the core): the catalog
+    items it keeps, and its part of the manifest's report."""
+    parts = [DiskCorePart.of(partition) for partition in partitions]
+    items_kept, rounds = filters.k_core_of_parts(parts, n_items, k)
+    users = users_kept = removed = 0
+    for part in parts:
+        user_codes, _, n_users = part.codes()
+        keep = part.keep()
+        users += n_users
+        users_kept += int(np.count_nonzero(np.bincount(user_codes[keep], minlength=n_users)))
+        removed += int(np.count_nonzero(~keep))
+    if not users_kept:
+        raise UserError(f"data.k_core: the {k}-core removes every user (of {users} users, "
+                        f"{sum(p.rows for p in partitions)} interactions); lower data.k_core")
+    return items_kept, {"k_core_iterations": rounds, "removed_by_k_core_interactions": removed,
+                        "k_core_users_removed": users - users_kept,
+                        "k_core_items_removed": int(n_items - items_kept.sum())}
+
+
+def _training_samples(partition: Partition) -> int:
+    """How many training samples the partition's users make (to number the shuffle before they are made)."""
+    lengths = partition.user_lengths()
+    n_train = np.where(lengths >= 3, lengths - 2, lengths)
+    return int(np.maximum(n_train - 1, 0).sum())
+
+
+def _split_partition(partition: Partition, new_index: np.ndarray | None, totals: _Totals, buckets: SampleBuckets,
+                     split_writers: dict[str, pq.ParquetWriter], max_history: int, samples_at_once: int) -> None:
+    """Group and split one partition: its split rows to `split_writers`, its samples to `buckets`."""
+    table = partition.read()
+    if new_index is not None:  # the k-core's catalog: renumber the items it keeps
+        table = table.set_column(1, "item", pa.array(new_index[table.column("item").to_numpy()], pa.int32()))
+    user_ids, bounds, items = _sequences(table)
+    del table
+    samples, train_counts, target_counts, splits = _leave_one_out(user_ids, bounds, items, len(totals.train_counts),
+                                                                  first_user=totals.users)
+    totals.train_counts += train_counts
+    totals.target_counts += target_counts
+    for split, rows in splits.items():
+        if rows.num_rows:
+            split_writers[split].write_table(rows)
+    totals.split_users += splits["test"].num_rows
+    # Histories are up to max_history items a sample: made a slice of samples at a time.
+    for begin in range(0, len(samples["ts"]), samples_at_once):
+        taken = slice(begin, begin + samples_at_once)
+        starts, ts = samples["starts"][taken], samples["ts"][taken]
+        history, history_lengths = histories(items, starts, ts, max_history)
+        buckets.add(totals.samples + begin, samples["users"][taken], ts, items[starts + ts], history, history_lengths)
+    totals.samples += len(samples["ts"])
+    totals.users += len(user_ids)
+    totals.interactions += len(items)
+
+
+def _filter_log(config: Config, partitions: list[Partition], catalog: pa.Table,
+                dropped: dict[str, int]) -> tuple[pa.Table, np.ndarray | None, dict[str, Any]]:
+    """The k-core, when asked: (the catalog it keeps, the new index of each old item or None, the
+    manifest's filter report)."""
     data = config.data
-    interactions, catalog, where = _sources(config)
-    catalog_ids = catalog.column("item_id").combine_chunks()
-    item_index = pc.index_in(interactions.column("item_id"), value_set=catalog_ids)
-    unknown = pc.is_null(item_index)
-    n_unknown = int(pc.sum(unknown).as_py() or 0)
-    if n_unknown:
-        if data.unknown_items == "fail" or n_unknown == interactions.num_rows:
-            row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
-            what = "no interaction's item is in the catalog" if n_unknown == interactions.num_rows else \
-                "item not in the catalog (data.unknown_items=drop skips such rows)"
-            raise UserError(f"{where(row)}: {what}: {interactions.column('item_id')[row].as_py()!r}")
-        log.warning("dropped %d interactions whose item is not in the catalog", n_unknown)
-    interactions = interactions.append_column("item_index", item_index).filter(pc.invert(unknown))
-    interactions, items_kept, filtered = filters.filter_log(interactions, catalog.num_rows, data.min_rating,
-                                                            data.k_core)
-    if items_kept is not None:  # the k-core's catalog: renumber the items it keeps
-        new_index = np.cumsum(items_kept) - 1
-        catalog = catalog.filter(pa.array(items_kept))
-        interactions = interactions.set_column(
-            interactions.column_names.index("item_index"), "item_index",
-            pa.array(new_index[interactions.column("item_index").to_numpy(zero_copy_only=False)]))
+    filtered: dict[str, Any] = {
+        "min_rating": data.min_rating if data.min_rating > float("-inf") else None,
+        "removed_by_min_rating": dropped["removed_by_min_rating"], "k_core": data.k_core, "k_core_iterations": 0,
+        "removed_by_k_core_interactions": 0, "k_core_users_removed": 0, "k_core_items_removed": 0}
     if filtered["min_rating"] is not None:
         log.info("data.min_rating=%g removed %d interactions", data.min_rating, filtered["removed_by_min_rating"])
-    if data.k_core:
-        log.info("data.k_core=%d removed %d interactions, %d users and %d catalog items (rounds: %d)", data.k_core,
-                 filtered["removed_by_k_core_interactions"], filtered["k_core_users_removed"],
-                 filtered["k_core_items_removed"], filtered["k_core_iterations"])
+    if not data.k_core:
+        return catalog, None, filtered
+    items_kept, report = _k_core(partitions, catalog.num_rows, data.k_core)
+    filtered.update(report)
+    log.info("data.k_core=%d removed %d interactions, %d users and %d catalog items (rounds: %d)", data.k_core,
+             filtered["removed_by_k_core_interactions"], filtered["k_core_users_removed"],
+             filtered["k_core_items_removed"], filtered["k_core_iterations"])
+    return catalog.filter(pa.array(items_kept)), np.cumsum(items_kept) - 1, filtered
 
-    user_ids, bounds, items = _sequences(interactions)
+
+def _prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Budget) -> dict[str, Any]:
+    """Write the whole preparation into `tmp_dir`; return the manifest (less `files` and `seconds`)."""
+    from tqdm import tqdm
+
+    data = config.data
+    spill_dir = tmp_dir / "spill"
+    spill_dir.mkdir(parents=True)
+    source, catalog = sources.read(config, budget.chunk_bytes, budget.chunk_bytes_per_item)
+    spill = LogSpill(spill_dir)
+    try:
+        dropped = sources.spill_log(config, source, catalog.column("item_id").combine_chunks(), spill)
+    finally:
+        spill.close()
+    partitions = spill.partitions(budget.partition_rows)
+    log.debug("%d interactions kept, in %d partition(s)", spill.rows, len(partitions))
+    catalog, new_index, filtered = _filter_log(config, partitions, catalog, dropped)
     n_items = catalog.num_rows
-    samples, train_counts, target_counts, splits = _leave_one_out(user_ids, bounds, items, n_items)
-    n_samples = len(samples["ts"])
+    n_samples = sum(_training_samples(partition) for partition in partitions)
     if not n_samples:
         raise UserError(f"{data.interactions or 'data'}: no user has two training interactions; nothing to train on")
 
+    buckets = SampleBuckets(spill_dir, n_samples, config.seed, data.shard_size, budget.bucket_samples)
+    totals = _Totals(np.zeros(n_items, np.int64), np.zeros(n_items, np.int64))
+    (tmp_dir / "splits").mkdir()
+    split_writers = {split: pq.ParquetWriter(tmp_dir / "splits" / f"{split}.parquet", SPLIT_SCHEMA)
+                     for split in ("valid", "test")}
+    try:
+        for partition in partitions:
+            _split_partition(partition, new_index, totals, buckets, split_writers, data.max_history,
+                             budget.samples_at_once)
+    finally:
+        for writer in split_writers.values():
+            writer.close()
+    assert totals.samples == n_samples, "the census and the split disagree on the samples"
+
     # Sampling log-probability of each item as a positive: its share of training targets.
     # Items never seen as a target get the share of one count (no -inf in the loss).
-    logq = np.log(np.maximum(target_counts, 1) / n_samples)
-    order = np.random.default_rng(config.seed).permutation(n_samples)
+    logq = np.log(np.maximum(totals.target_counts, 1) / n_samples)
+    (tmp_dir / "shards").mkdir()
+    with tqdm(total=n_samples, desc="prepare", unit="sample", disable=not show_progress, leave=False) as bar:
+        shards = write_shards(buckets, ShardWriter(tmp_dir / "shards", logq).write, bar.update)
+    shutil.rmtree(spill_dir)
 
-    out_dir = Path(data.dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    catalog = catalog.append_column("train_count", pa.array(totals.train_counts))
+    catalog = pa.table({"item_index": pa.array(np.arange(n_items, dtype=np.int64)), **{
+        name: catalog.column(name) for name in catalog.column_names}})
+    pq.write_table(catalog, tmp_dir / "catalog.parquet")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint(config),
+        "counts": {"users": totals.users, "items": n_items, "interactions": totals.interactions,
+                   "dropped_unknown_items": dropped["dropped_unknown_items"], "train_samples": n_samples,
+                   "valid_users": totals.split_users, "test_users": totals.split_users},
+        "filters": filtered,
+        "text_fields": [c for c in catalog.column_names if c not in ("item_index", "item_id", "train_count")],
+        "shards": shards,
+    }
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet, deepest first."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def prepare(config: Config, show_progress: bool = True, budget: Budget = Budget()) -> dict[str, Any]:
+    """Prepare `config.data` into `config.data.dir`; return the manifest.
+
+    `budget` bounds the memory the log takes (tests shrink it to cut small logs into many pieces).
+    """
+    started = time.perf_counter()
+    out_dir = Path(config.data.dir)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
+    created = _missing_parents(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "shards").mkdir(parents=True)
-    (tmp_dir / "splits").mkdir()
     try:
-        shards = write_training_shards(tmp_dir / "shards", items, samples["starts"], samples["ts"], samples["users"],
-                                       order, logq, data.shard_size, data.max_history, show_progress)
-        catalog = catalog.append_column("train_count", pa.array(train_counts))
-        catalog = pa.table({"item_index": pa.array(np.arange(n_items, dtype=np.int64)), **{
-            name: catalog.column(name) for name in catalog.column_names}})
-        pq.write_table(catalog, tmp_dir / "catalog.parquet")
-        for split, table in splits.items():
-            pq.write_table(table, tmp_dir / "splits" / f"{split}.parquet")
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": fingerprint(config),
-            "counts": {"users": len(user_ids), "items": n_items, "interactions": int(len(items)),
-                       "dropped_unknown_items": n_unknown, "train_samples": n_samples,
-                       "valid_users": splits["valid"].num_rows, "test_users": splits["test"].num_rows},
-            "filters": filtered,
-            "text_fields": [c for c in catalog.column_names if c not in ("item_index", "item_id", "train_count")],
-            "shards": shards,
-            "files": {p.relative_to(tmp_dir).as_posix(): _sha256(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()},
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+        manifest = _prepare_into(config, tmp_dir, show_progress, budget)
+        manifest["files"] = {p.relative_to(tmp_dir).as_posix(): _sha256(p)
+                             for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+        manifest["seconds"] = round(time.perf_counter() - started, 2)
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():
@@ -296,7 +339,11 @@ def prepare(config: Config, show_progress: bool = True) -> dict[str, Any]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        for directory in created:  # a failed prepare leaves no trace, not even data.dir's parents
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
         raise
+    counts = manifest["counts"]
     log.info("prepared %s: %d users, %d items, %d training samples in %d shards (%.1fs)", out_dir,
-             manifest["counts"]["users"], n_items, n_samples, len(shards), manifest["seconds"])
+             counts["users"], counts["items"], counts["train_samples"], len(manifest["shards"]), manifest["seconds"])
     return manifest

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,19 +49,10 @@ def row_location(path: Path, fmt: str, row: int) -> str:
 
 def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> pa.Table:
     """Read `columns` of `path` (format `fmt`) as strings. `role` names the config key in errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{role}: file not found: {path}")
+    path = _existing(path, role)
     try:
         if fmt in _DELIMITERS:
-            available = _header(path, fmt)
-            _require(path, columns, available)
-            read = pacsv.ReadOptions(column_names=available, skip_rows=1, block_size=1 << 24)
-            parse = pacsv.ParseOptions(delimiter=_DELIMITERS[fmt], quote_char=False if fmt == "atomic" else '"',
-                                       newlines_in_values=fmt == "csv")
-            convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
-                                           strings_can_be_null=False, quoted_strings_can_be_null=False)
-            table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+            table = pacsv.read_csv(path, **_csv_options(path, fmt, columns, 1 << 24))
         elif fmt == "parquet":
             _require(path, columns, pq.read_schema(path).names)
             table = pq.read_table(path, columns=columns)
@@ -71,9 +63,67 @@ def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> p
         else:
             raise UserError(f"data.format: cannot read {fmt!r} files")
     except (pa.ArrowInvalid, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise UserError(f"{path}: cannot read as {fmt}: {first}") from None
+        raise _unreadable(path, fmt, err) from None
     return pa.table({c: _as_strings(table.column(c)) for c in columns})
+
+
+def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str, block_bytes: int) -> Iterator[pa.Table]:
+    """`read_columns`, one block of about `block_bytes` of the file at a time, in file order.
+
+    Memory is a block's, whatever the file's length. A text block holds whole lines; a Parquet
+    block is `block_bytes // ROW_BYTES` rows. Errors raise `UserError` as in read_columns,
+    possibly after earlier blocks were yielded.
+    """
+    path = _existing(path, role)
+    try:
+        batches = _open_batches(path, fmt, columns, block_bytes)
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            yield pa.table({c: _as_strings(table.column(c)) for c in columns})
+    except (pa.ArrowInvalid, OSError) as err:
+        raise _unreadable(path, fmt, err) from None
+
+
+# A log row of ids and a time is a few tens of bytes of text: a Parquet block's rows are its bytes / this.
+ROW_BYTES = 32
+
+
+def _open_batches(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Iterator[pa.RecordBatch]:
+    if fmt in _DELIMITERS:
+        return iter(pacsv.open_csv(path, **_csv_options(path, fmt, columns, block_bytes)))
+    if fmt == "parquet":
+        parquet = pq.ParquetFile(path)
+        _require(path, columns, parquet.schema_arrow.names)
+        return parquet.iter_batches(batch_size=max(1, block_bytes // ROW_BYTES), columns=columns)
+    if fmt == "jsonl":
+        # Arrow infers the JSON types from the first block; one line must fit in a block.
+        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block_bytes))
+        _require(path, columns, reader.schema.names)
+        return iter(reader)
+    raise UserError(f"data.format: cannot read {fmt!r} files")
+
+
+def _csv_options(path: Path, fmt: str, columns: list[str], block_bytes: int) -> dict[str, Any]:
+    """Keyword arguments of pyarrow's read_csv/open_csv: every requested column as strings."""
+    available = _header(path, fmt)
+    _require(path, columns, available)
+    return {"read_options": pacsv.ReadOptions(column_names=available, skip_rows=1, block_size=block_bytes),
+            "parse_options": pacsv.ParseOptions(delimiter=_DELIMITERS[fmt], quote_char=False if fmt == "atomic" else '"',
+                                                newlines_in_values=fmt == "csv"),
+            "convert_options": pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns},
+                                                    strings_can_be_null=False, quoted_strings_can_be_null=False)}
+
+
+def _existing(path: str | Path, role: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{role}: file not found: {path}")
+    return path
+
+
+def _unreadable(path: Path, fmt: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return UserError(f"{path}: cannot read as {fmt}: {first}")
 
 
 def _require(path: Path, columns: list[str], available: list[str]) -> None:
@@ -93,13 +143,14 @@ def _as_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.cast(column, pa.string())
 
 
-def parse_timestamps(column: pa.ChunkedArray, name: str, where: Callable[[int], str]) -> np.ndarray:
-    """Numbers, or ISO-8601 dates, as float64 seconds; the first unreadable value is reported.
+def parse_timestamps(column: pa.ChunkedArray, name: str, where: Callable[[int], str]) -> tuple[np.ndarray, bool]:
+    """Numbers, or ISO-8601 dates, as float64 seconds, and whether they were dates; the first
+    unreadable value is reported.
 
     `where(row)` names a row's place in its file ("file line N") for the message.
     """
     try:
-        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), False
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     # Naive times first, then times with a zone offset ("Z", "+02:00"), which Arrow parses only
@@ -108,7 +159,7 @@ def parse_timestamps(column: pa.ChunkedArray, name: str, where: Callable[[int], 
                                    (pa.timestamp("us", tz="UTC"), 1e6), (pa.timestamp("ns", tz="UTC"), 1e9)):
         try:
             stamps = pc.cast(column, stamp_type)
-            return pc.cast(stamps, pa.int64()).to_numpy(zero_copy_only=False) / per_second
+            return pc.cast(stamps, pa.int64()).to_numpy(zero_copy_only=False) / per_second, True
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
     first_date: int | None = None

@@ -173,6 +173,63 @@ def _logq_text(logq: float) -> str:
     return float.__repr__(rounded) if math.isfinite(rounded) else json.dumps(rounded)
 
 
+class ShardWriter:
+    """Writes training shards into one directory, one call a shard, with the catalog-sized byte
+    tables (item numbers, and each target's JSON tail with its logq) built once."""
+
+    def __init__(self, shard_dir: Path, logq: np.ndarray) -> None:
+        self.shard_dir = shard_dir
+        logq = np.asarray(logq, np.float64)
+        # A history item is its number and a comma: the last comma of each history is then
+        # overwritten by "]", and the target's tail follows.
+        numbers, number_lengths = _decimal_rows(np.arange(len(logq)))
+        self._tokens = np.concatenate([numbers, np.zeros((len(logq), 1), np.uint8)], axis=1)
+        self._tokens[np.arange(len(logq)), number_lengths] = ord(",")
+        self._token_lengths = number_lengths + 1
+        self._tails, self._tail_lengths = _text_rows([f',"item":{index},"logq":{_logq_text(value)}}}'
+                                                      for index, value in enumerate(logq.tolist())])
+
+    def write(self, shard: int, users: np.ndarray, ts: np.ndarray, history: np.ndarray, history_lengths: np.ndarray,
+              targets: np.ndarray) -> dict[str, Any]:
+        """Write `train-<shard>.tar` holding samples `users[i]`, `ts[i]`, `targets[i]` in that order,
+        sample i's history being the next `history_lengths[i]` (>= 1) catalog indices of `history`.
+
+        Returns `{"name": "shards/train-NNNNNN.tar", "samples": n}`.
+        """
+        users, ts, history, history_lengths, targets = (np.asarray(a, np.int64) for a in (
+            users, ts, history, history_lengths, targets))
+        rows = len(users)
+        if rows and history_lengths.min() < 1:
+            raise ValueError("a training sample needs a history of at least one item")
+        first_token = np.cumsum(history_lengths) - history_lengths
+        user_digits = _flatten(*_decimal_rows(users))
+        history_runs = _flatten(self._tokens[history], self._token_lengths[history])
+        history_bytes = np.add.reduceat(history_runs[1], first_token) if rows else history_runs[1]
+        tail_runs = _flatten(self._tails[targets], self._tail_lengths[targets])
+        payload = [_constant(b'{"user":', rows), user_digits, _constant(b',"history":[', rows),
+                   (history_runs[0], history_bytes), tail_runs]
+        name = [_constant(b"u", rows), _flatten(*_decimal_rows(users, 9)), _constant(b"t", rows),
+                _flatten(*_decimal_rows(ts, 6)), _constant(b".json", rows)]
+        sizes = np.sum([lengths for _, lengths in payload], axis=0)
+        archive, data_starts = _archive(_headers(name, sizes), sizes)
+        tails_at = _write_runs(archive, data_starts, payload[:4])
+        archive[tails_at - 1] = ord("]")  # the history's last comma
+        _scatter(archive, tails_at, tail_runs)
+        file_name = f"train-{shard:06d}.tar"
+        _write_atomically(self.shard_dir / file_name, archive)
+        return {"name": f"shards/{file_name}", "samples": rows}
+
+
+def histories(items: np.ndarray, starts: np.ndarray, ts: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's history, the (at most `max_history`) items of `items[starts:starts + ts]`
+    before its target: (the histories back to back, their lengths)."""
+    hi = starts + ts
+    lo = np.maximum(starts, hi - max_history)
+    lengths = hi - lo
+    first = np.cumsum(lengths) - lengths
+    return items[np.repeat(lo - first, lengths) + np.arange(int(lengths.sum()))], lengths
+
+
 def write_training_shards(shard_dir: Path, items: np.ndarray, starts: np.ndarray, ts: np.ndarray, users: np.ndarray,
                           order: np.ndarray, logq: np.ndarray, shard_size: int, max_history: int,
                           show_progress: bool) -> list[dict[str, Any]]:
@@ -204,44 +261,14 @@ def write_training_shards(shard_dir: Path, items: np.ndarray, starts: np.ndarray
     items, starts, ts, users, order = (np.asarray(a, np.int64) for a in (items, starts, ts, users, order))
     if len(ts) and ts.min() < 1:
         raise ValueError("a training sample's position t must be >= 1 (it needs a history)")
-    # Catalog-sized tables, built once. A history item is its number and a comma: the last
-    # comma of each history is then overwritten by "]", and the target's tail follows.
-    numbers, number_lengths = _decimal_rows(np.arange(len(logq)))
-    tokens = np.concatenate([numbers, np.zeros((len(logq), 1), np.uint8)], axis=1)
-    tokens[np.arange(len(logq)), number_lengths] = ord(",")
-    token_lengths = number_lengths + 1
-    tails, tail_lengths = _text_rows([f',"item":{index},"logq":{_logq_text(value)}}}'
-                                      for index, value in enumerate(np.asarray(logq, np.float64).tolist())])
-
+    writer = ShardWriter(shard_dir, logq)
     shards = []
     bar = tqdm(total=len(order), desc="prepare", unit="sample", disable=not show_progress, leave=False)
     for shard, begin in enumerate(range(0, len(order), shard_size)):
         chosen = order[begin:begin + shard_size]
-        rows = len(chosen)
-        sample_starts, sample_ts, sample_users = starts[chosen], ts[chosen], users[chosen]
-        # Each sample's history is items[lo:hi], the (at most max_history) items before its target.
-        hi = sample_starts + sample_ts
-        lo = np.maximum(sample_starts, hi - max_history)
-        history_lengths = hi - lo
-        first_token = np.cumsum(history_lengths) - history_lengths
-        history = items[np.repeat(lo - first_token, history_lengths) + np.arange(int(history_lengths.sum()))]
-        targets = items[hi]
-        user_digits = _flatten(*_decimal_rows(sample_users))
-        history_runs = _flatten(tokens[history], token_lengths[history])
-        history_bytes = np.add.reduceat(history_runs[1], first_token) if rows else history_runs[1]
-        tail_runs = _flatten(tails[targets], tail_lengths[targets])
-        payload = [_constant(b'{"user":', rows), user_digits, _constant(b',"history":[', rows),
-                   (history_runs[0], history_bytes), tail_runs]
-        name = [_constant(b"u", rows), _flatten(*_decimal_rows(sample_users, 9)), _constant(b"t", rows),
-                _flatten(*_decimal_rows(sample_ts, 6)), _constant(b".json", rows)]
-        sizes = np.sum([lengths for _, lengths in payload], axis=0)
-        archive, data_starts = _archive(_headers(name, sizes), sizes)
-        tails_at = _write_runs(archive, data_starts, payload[:4])
-        archive[tails_at - 1] = ord("]")  # the history's last comma
-        _scatter(archive, tails_at, tail_runs)
-        file_name = f"train-{shard:06d}.tar"
-        _write_atomically(shard_dir / file_name, archive)
-        shards.append({"name": f"shards/{file_name}", "samples": rows})
-        bar.update(rows)
+        history, history_lengths = histories(items, starts[chosen], ts[chosen], max_history)
+        shards.append(writer.write(shard, users[chosen], ts[chosen], history, history_lengths,
+                                   items[starts[chosen] + ts[chosen]]))
+        bar.update(len(chosen))
     bar.close()
     return shards
