@@ -20,7 +20,8 @@ class Objective(nn.Module):
     def __init__(self, kind: str = "infonce", temperature: float = 0.05, learn_temperature: bool = False,
                  temperature_range: tuple[float, float] = (0.01, 1.0), mask_false_negatives: bool = True,
                  logq: bool = False, triplet_margin: float = 0.2, triplet_negative: str = "hardest",
-                 user_cl_weight: float = 0.0, negatives: str = "batch", history_positions: float = 0.0) -> None:
+                 user_cl_weight: float = 0.0, negatives: str = "batch", history_positions: float = 0.0,
+                 mask_history: bool = True) -> None:
         super().__init__()
         self.kind = kind
         self.temperature = Temperature(temperature, learn_temperature, *temperature_range)
@@ -31,6 +32,7 @@ class Objective(nn.Module):
         self.user_cl_weight = user_cl_weight
         self.negatives = negatives
         self.history_positions = history_positions
+        self.mask_history = mask_history
         self.calls = 0  # seeds the random triplet draws; the same on every rank
 
     def forward(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
@@ -62,7 +64,8 @@ class Objective(nn.Module):
     def _in_batch(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, tau: torch.Tensor,
                   history_ids: torch.Tensor | None, logq: torch.Tensor | None,
                   group: dist.ProcessGroup | None) -> torch.Tensor:
-        common: dict[str, Any] = {"history_ids": history_ids, "mask_false_negatives": self.mask_false_negatives, "group": group}
+        common: dict[str, Any] = {"history_ids": history_ids if self.mask_history else None,
+                                  "mask_false_negatives": self.mask_false_negatives, "group": group}
         logq = logq if self.use_logq else None
         if self.kind == "infonce":
             return contrastive_loss(query, item, item_ids, temperature=tau, logq=logq, **common)

@@ -81,6 +81,13 @@ def test_catalog_negatives_in_the_objective() -> None:
     assert query.grad is not None and query.grad.abs().sum() > 0
 
 
+def test_mask_history_false_keeps_history_items_as_negatives() -> None:
+    query, item = embeddings(6, 0), embeddings(6, 1)
+    got = Objective("infonce", temperature=0.1, mask_history=False)(query, item, ITEM_IDS, history_ids=HISTORY)
+    assert torch.allclose(got, contrastive_loss(query, item, ITEM_IDS, temperature=0.1))  # duplicates still masked
+    assert not torch.allclose(got, contrastive_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY))
+
+
 def test_next_item_positions_follow_each_history() -> None:
     token_items = torch.full((10,), -1)
     token_items[5:9] = torch.arange(4)  # tokens 5-8 are items 0-3

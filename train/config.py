@@ -245,6 +245,8 @@ class LossConfig:
     temperature_min: float = doc(0.01, "lower clamp of a learned temperature")
     temperature_max: float = doc(1.0, "upper clamp of a learned temperature")
     mask_false_negatives: bool = doc(True, "drop in-batch candidates equal to the positive or in the history")
+    mask_history: bool = doc(True, "with mask_false_negatives: also drop candidates in the user's history; false "
+                                   "keeps them as negatives (for catalogs where users never take an item twice)")
     logq: bool = doc(False, "subtract each candidate's log sampling probability (popularity correction; infonce, symmetric)")
     triplet_margin: float = doc(0.2, "triplet: margin on cosine similarities")
     triplet_negative: str = doc("hardest", "triplet: hardest | random unmasked in-batch negative")
