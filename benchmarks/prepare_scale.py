@@ -15,9 +15,10 @@ side by side: counts, shard sizes, wall time and that child's peak RSS (from os.
 fixed cost of Python, torch and pyarrow). Prepare's memory is bounded by the catalog and
 train.prepare.Budget, so the peak RSS should stay level from one size to the next.
 
---write-only times just the shard writer on synthetic arrays of `--samples` training samples:
-prepare's tarfile writer (`train.prepare._write_shards`, while it exists) against
-`train.shards.write_training_shards`, and checks that both wrote the same bytes.
+--write-only times just prepare's last stage on synthetic arrays of `--samples` training
+samples: the samples and their histories into shuffle buckets (`train.shuffle.SampleBuckets`,
+as many at once as `train.prepare.Budget.samples_at_once`), then the shards written bucket by
+bucket (`train.shards.ShardWriter`).
 
 --profile runs prepare() in this process under cProfile and prints the top costs.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import hashlib
 import io
 import os
 import pstats
@@ -206,54 +206,40 @@ def synthetic_samples(samples: int, items: int, max_length: int = 60, seed: int 
     starts = bounds[:-1][users]
     ts = np.concatenate([np.arange(1, length - 2) for length in lengths])
     logq = np.log(np.maximum(np.bincount(item_seq[starts + ts], minlength=items), 1) / len(ts))
-    return {"items": item_seq, "starts": starts, "ts": ts, "users": users, "logq": logq,
-            "order": rng.permutation(len(ts))}
-
-
-def _digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
+    return {"items": item_seq, "starts": starts, "ts": ts, "users": users, "logq": logq}
 
 
 def run_write_only(args: argparse.Namespace) -> None:
-    from train import prepare
-    from train.shards import write_training_shards
+    from train.prepare import Budget
+    from train.shards import ShardWriter, histories
+    from train.shuffle import SampleBuckets, write_shards
 
     arrays = synthetic_samples(args.samples, args.items, seed=args.seed)
-    n = len(arrays["order"])
+    n = len(arrays["ts"])
+    budget = Budget()
     print(f"{n:,} samples, {args.items:,} items, max_history={args.max_history}, shard_size={args.shard_size}")
-    with tempfile.TemporaryDirectory(prefix="write-only-") as tmp:
-        new_dir, old_dir = Path(tmp) / "new", Path(tmp) / "old"
-        new_dir.mkdir()
-        old_dir.mkdir()
-        times = []
-        for _ in range(args.repeat):  # the fastest of a few: writing to disk is what varies
+    times: list[tuple[float, float]] = []
+    for run in range(args.repeat):  # the fastest of a few: writing to disk is what varies
+        with tempfile.TemporaryDirectory(prefix="write-only-") as tmp:
+            bucket_dir, shard_dir = Path(tmp) / "buckets", Path(tmp) / "shards"
+            bucket_dir.mkdir()
+            shard_dir.mkdir()
             started = time.perf_counter()
-            write_training_shards(new_dir, arrays["items"], arrays["starts"], arrays["ts"], arrays["users"],
-                                  arrays["order"], arrays["logq"], args.shard_size, args.max_history, show_progress=False)
-            times.append(time.perf_counter() - started)
-        new = min(times)
-        size = sum(p.stat().st_size for p in new_dir.iterdir())
-        print(f"train.shards.write_training_shards: {new:7.2f} s  {1e6 * new / n:6.2f} µs/sample  "
-              f"({size / 2**20:.0f} MiB in {len(list(new_dir.iterdir()))} shards; fastest of "
-              f"{', '.join(f'{t:.2f}' for t in times)} s)")
-        old_writer = getattr(prepare, "_write_shards", None)
-        if old_writer is None:
-            print("train.prepare._write_shards is gone (prepare uses train.shards): no old writer to compare")
-            return
-        # The old writer takes a list of (user, start, t) tuples: building it is part of its cost.
-        started = time.perf_counter()
-        positions = list(zip(arrays["users"].tolist(), arrays["starts"].tolist(), arrays["ts"].tolist()))
-        built = time.perf_counter() - started
-        started = time.perf_counter()
-        old_writer(old_dir, arrays["order"], positions, arrays["items"], arrays["logq"], args.shard_size,
-                   args.max_history, False)
-        old = time.perf_counter() - started
-        print(f"train.prepare._write_shards:        {old:7.2f} s  {1e6 * old / n:6.2f} µs/sample  "
-              f"(+{built:.2f} s building its tuple list)")
-        print(f"speed-up: {old / new:.1f}x; identical bytes: {_digest(old_dir) == _digest(new_dir)}")
+            buckets = SampleBuckets(bucket_dir, n, args.seed, args.shard_size, budget.bucket_samples)
+            for begin in range(0, n, budget.samples_at_once):
+                taken = slice(begin, begin + budget.samples_at_once)
+                starts, ts = arrays["starts"][taken], arrays["ts"][taken]
+                history, lengths = histories(arrays["items"], starts, ts, args.max_history)
+                buckets.add(begin, arrays["users"][taken], ts, arrays["items"][starts + ts], history, lengths)
+            filled = time.perf_counter()
+            shards = write_shards(buckets, ShardWriter(shard_dir, arrays["logq"]).write, lambda samples: None)
+            times.append((filled - started, time.perf_counter() - filled))
+            if run == 0:
+                size = sum(p.stat().st_size for p in shard_dir.iterdir())
+                print(f"{size / 2**20:.0f} MiB in {len(shards)} shards")
+    fill, write = min(times, key=sum)
+    print(f"buckets filled {fill:7.2f} s, shards written {write:7.2f} s: {1e6 * (fill + write) / n:6.2f} µs/sample "
+          f"(fastest of {', '.join(f'{sum(t):.2f}' for t in times)} s)")
 
 
 # -------------------------------------------------------------------- the profile
@@ -291,9 +277,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=10_000, help="data.shard_size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default="", help="generate and prepare in DIR and keep the files")
-    parser.add_argument("--write-only", action="store_true", help="time just the shard writers, old and new")
+    parser.add_argument("--write-only", action="store_true", help="time just the shuffle buckets and shard writer")
     parser.add_argument("--samples", type=int, default=200_000, help="--write-only: training samples")
-    parser.add_argument("--repeat", type=int, default=3, help="--write-only: runs of the new writer (fastest counts)")
+    parser.add_argument("--repeat", type=int, default=3, help="--write-only: runs (the fastest counts)")
     parser.add_argument("--profile", action="store_true", help="profile prepare() in-process with cProfile")
     parser.add_argument("--generate", default="", metavar="DIR", help="only write the log and catalog CSVs into DIR")
     parser.add_argument("--top", type=int, default=25, help="--profile: rows per table")

@@ -25,7 +25,7 @@ import pytest
 
 from train.config_io import load_config
 from train.errors import UserError
-from train.prepare import is_prepared, prepare
+from train.prepare import is_prepared, prepare, stale_reason
 
 ML_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -199,6 +199,23 @@ def test_manifest(write_dataset) -> None:
     config = load_config(None, dataset["overrides"])
     assert is_prepared(config)
     assert not is_prepared(load_config(None, [*dataset["overrides"], "data.max_history=3"]))
+
+
+def test_stale_reason_says_why_to_prepare_again(write_dataset) -> None:
+    dataset = write_dataset("csv")
+    config = load_config(None, dataset["overrides"])
+    assert stale_reason(config) == "not prepared yet"
+    _prepare(dataset)
+    assert stale_reason(config) is None
+    changed = load_config(None, [*dataset["overrides"], "data.max_history=3", "seed=9"])
+    assert stale_reason(changed) == "prepared from other settings (data.max_history, seed changed)"
+    dataset["interactions"].write_text(dataset["interactions"].read_text() + "u9,a1,1\n")
+    assert stale_reason(config) == "prepared from other settings (the data.interactions file changed)"
+    path = dataset["dir"] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["fingerprint"]["schema_version"] = 1
+    path.write_text(json.dumps(manifest))
+    assert stale_reason(config) == "prepared with schema 1, now 2"
 
 
 def test_prepare_leaves_only_the_data_dir(write_dataset) -> None:

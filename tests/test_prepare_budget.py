@@ -5,6 +5,7 @@ many chunks, partitions and buckets on small logs."""
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 import tarfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_prepare import EXPECTED_CATALOG, EXPECTED_COUNTS, EXPECTED_SAMPLES, EXPECTED_TEST, EXPECTED_VALID
+from train import readers
 from train.config_io import load_config
 from train.errors import UserError
 from train.filters import InMemoryPart, k_core, k_core_of_parts
@@ -247,3 +249,72 @@ def test_a_log_of_no_rows(write_dataset) -> None:
     assert str(caught.value) == (f"{dataset['interactions']}: no user has two training interactions; "
                                  "nothing to train on")
     assert not dataset["dir"].parent.exists()
+
+
+def _jsonl_log(path: Path, rows: int = 200) -> None:
+    """A JSON lines log whose later lines bring a field the first ones lack ("vote") and whose
+    ratings and times turn from integers to decimals: several blocks at a small chunk_bytes."""
+    lines = []
+    for row in range(rows):
+        record: dict[str, Any] = {"user": f"u{row % 7}", "item": ["a1", "b2", "c3", "d4"][row % 4], "time": row,
+                                  "stars": 1 + row % 5}
+        if row >= rows // 2:
+            record.update(time=row + 0.5, stars=0.5 + row % 5, vote=str(row))
+        lines.append(json.dumps(record) + "\n")
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "log.jsonl.gz"])
+def test_jsonl_blocks_read_as_the_whole_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    _jsonl_log(tmp_path / "log.jsonl")
+    if name.endswith(".gz"):
+        path.write_bytes(gzip.compress((tmp_path / "log.jsonl").read_bytes()))
+    columns = ["user", "item", "time", "stars"]
+    whole = readers.read_columns(path, "jsonl", columns, "data.interactions")
+    blocks = list(readers.iter_columns(path, "jsonl", columns, "data.interactions", 256))
+    assert len(blocks) > 10
+    assert pa.concat_tables(blocks).equals(whole)
+    assert whole.column("stars")[-1].as_py() == "4.5" and whole.column("stars")[0].as_py() == "1"
+
+
+def test_jsonl_field_absent_from_the_first_block(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"user": "u1", "time": row} if row < 50 else
+                                       {"user": "u1", "time": row, "stars": 3}) + "\n" for row in range(100)))
+    whole = readers.read_columns(path, "jsonl", ["user", "stars"], "data.interactions")
+    blocks = list(readers.iter_columns(path, "jsonl", ["user", "stars"], "data.interactions", 128))
+    assert pa.concat_tables(blocks).equals(whole)  # null where a line has no stars, as read whole
+    with pytest.raises(UserError, match=r"missing column 'item' \(columns: user, time, stars\)"):
+        list(readers.iter_columns(path, "jsonl", ["user", "item"], "data.interactions", 128))
+
+
+def test_jsonl_log_over_many_blocks_prepares_as_read_whole(tmp_path: Path, write_dataset) -> None:
+    dataset = write_dataset("jsonl")
+    _jsonl_log(dataset["interactions"])
+    overrides = [*dataset["overrides"], "data.columns.user=user", "data.columns.item=item",
+                 "data.columns.timestamp=time", "data.columns.rating=stars", "data.min_rating=2"]
+    whole = _prepare([*overrides, f"data.dir={tmp_path / 'whole'}"])
+    cut = _prepare([*overrides, f"data.dir={tmp_path / 'cut'}"], small(chunk_bytes=128))
+    for key in ("counts", "filters", "shards", "files"):
+        assert cut[key] == whole[key], key
+    assert whole["filters"]["removed_by_min_rating"] == 60  # stars 1, then 0.5 and 1.5: decimals were read
+
+
+def test_routing_closes_every_file_when_one_fails_to_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spill = LogSpill(tmp_path)
+    spill.append(pa.table({"user_id": [f"u{i}" for i in range(40)], "item": pa.array(range(40), pa.int32()),
+                           "timestamp": [0.0] * 40, "row": list(range(40))}))
+    opened: list[Any] = []
+    real = pa.OSFile
+
+    def failing(path: str, mode: str = "r") -> Any:
+        if len(opened) == 5:
+            raise OSError("too many open files")
+        opened.append(real(path, mode))
+        return opened[-1]
+
+    monkeypatch.setattr(pa, "OSFile", failing)
+    with pytest.raises(OSError, match="too many open files"):
+        spill.partitions(4)
+    assert len(opened) == 5 and all(handle.closed for handle in opened)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from train.shards import BLOCK, RECORD, tar_bytes, ustar_headers, write_tar, write_training_shards
+from train.shards import BLOCK, RECORD, ShardWriter, histories, tar_bytes, ustar_headers, write_tar
+from train.shuffle import Permutation, SampleBuckets, write_shards
 from train.stream import read_shard
 
 # --------------------------------------------------------------- the tarfile reference
@@ -91,15 +92,32 @@ def _dataset(seed: int = 0, num_users: int = 40, num_items: int = 1500) -> dict[
     logq = -rng.exponential(3.0, num_items)
     targets = list(dict.fromkeys(int(items[start + t]) for _, start, t in positions))
     logq[targets[:6]] = [0.0, -1e-7, -1.5e-5, -12.5, -1234567.1234567, -0.1 - 0.2]
-    order = rng.permutation(len(positions))
-    return {"items": items, "positions": positions, "logq": logq, "order": order,
+    return {"items": items, "positions": positions, "logq": logq, "order": _order(len(positions)),
             "starts": np.array([p[1] for p in positions]), "ts": np.array([p[2] for p in positions]),
             "users": np.array([p[0] for p in positions])}
 
 
-def _fast(shard_dir: Path, data: dict[str, Any], shard_size: int, max_history: int) -> list[dict[str, Any]]:
-    return write_training_shards(shard_dir, data["items"], data["starts"], data["ts"], data["users"], data["order"],
-                                 data["logq"], shard_size, max_history, show_progress=False)
+SEED = 5
+
+
+def _order(n: int) -> np.ndarray:
+    """The samples in shuffled order: the sample at place k is order[k]."""
+    return np.argsort(Permutation(n, SEED)(np.arange(n)))
+
+
+def _fast(shard_dir: Path, data: dict[str, Any], shard_size: int, max_history: int,
+          bucket_samples: int = 64, at_once: int = 50) -> list[dict[str, Any]]:
+    """prepare's path: samples made `at_once` at a time into bucket files, then written shard by shard."""
+    bucket_dir = shard_dir.with_name(f"{shard_dir.name}-buckets")
+    bucket_dir.mkdir()
+    items, starts, ts = data["items"], np.asarray(data["starts"]), np.asarray(data["ts"])
+    buckets = SampleBuckets(bucket_dir, len(ts), SEED, shard_size, bucket_samples)
+    for begin in range(0, len(ts), at_once):
+        taken = slice(begin, begin + at_once)
+        history, history_lengths = histories(items, starts[taken], ts[taken], max_history)
+        buckets.add(begin, np.asarray(data["users"])[taken], ts[taken], items[starts[taken] + ts[taken]], history,
+                    history_lengths)
+    return write_shards(buckets, ShardWriter(shard_dir, data["logq"]).write, lambda samples: None)
 
 
 # ------------------------------------------------------------------------------ tests
@@ -130,13 +148,12 @@ def test_wide_keys_match_the_reference(tmp_path: Path) -> None:
     items = np.arange(1_000_005) % 997
     positions = [(1_234_567_890, 0, 1_000_001), (7, 0, 1), (10 ** 12, 0, 999_999), (0, 0, 1_000_000)]
     logq = np.linspace(-9.0, -0.5, 997)
-    order = np.array([2, 0, 3, 1])
     (tmp_path / "ref").mkdir()
     (tmp_path / "fast").mkdir()
-    expected = _reference_write_shards(tmp_path / "ref", order, positions, items, logq, 3, 20)
-    written = write_training_shards(tmp_path / "fast", items, np.array([p[1] for p in positions]),
-                                    np.array([p[2] for p in positions]), np.array([p[0] for p in positions]),
-                                    order, logq, 3, 20, show_progress=False)
+    expected = _reference_write_shards(tmp_path / "ref", _order(len(positions)), positions, items, logq, 3, 20)
+    data = {"items": items, "starts": [p[1] for p in positions], "ts": [p[2] for p in positions],
+            "users": [p[0] for p in positions], "logq": logq}
+    written = _fast(tmp_path / "fast", data, shard_size=3, max_history=20, bucket_samples=1, at_once=3)
     assert written == expected
     for shard in expected:
         name = Path(shard["name"]).name
@@ -144,16 +161,18 @@ def test_wide_keys_match_the_reference(tmp_path: Path) -> None:
 
 
 def test_samples_without_history_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="t must be >= 1"):
-        write_training_shards(tmp_path, np.arange(3), np.array([0]), np.array([0]), np.array([0]), np.array([0]),
-                              np.zeros(3), 10, 5, False)
+    with pytest.raises(ValueError, match="a history of at least one item"):
+        ShardWriter(tmp_path, np.zeros(3)).write(0, np.array([0]), np.array([0]), np.zeros(0, np.int64), np.array([0]),
+                                                 np.array([1]))
 
 
 def test_training_shards_read_back_with_the_stream_reader(tmp_path: Path) -> None:
     data = _dataset(seed=1)
     max_history = 4
-    shards = _fast(tmp_path, data, shard_size=50, max_history=max_history)
-    read = [sample for shard in shards for sample in read_shard(str(tmp_path / Path(shard["name"]).name))]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    shards = _fast(shard_dir, data, shard_size=50, max_history=max_history)
+    read = [sample for shard in shards for sample in read_shard(str(shard_dir / Path(shard["name"]).name))]
     assert len(read) == len(data["positions"]) == sum(s["samples"] for s in shards)
     items, logq = data["items"], data["logq"]
     for sample, index in zip(read, data["order"]):
@@ -161,13 +180,16 @@ def test_training_shards_read_back_with_the_stream_reader(tmp_path: Path) -> Non
         assert sample == {"__key__": f"u{user:09d}t{t:06d}", "user": user,
                           "history": items[max(start, start + t - max_history):start + t].tolist(),
                           "item": int(items[start + t]), "logq": round(float(logq[items[start + t]]), 6)}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(shard_dir.glob("*.tmp"))
+    assert not list((tmp_path / "shards-buckets").iterdir())  # each bucket is removed once written
 
 
 def test_no_samples_writes_no_shards(tmp_path: Path) -> None:
     empty = np.zeros(0, np.int64)
-    assert write_training_shards(tmp_path, np.arange(3), empty, empty, empty, empty, np.zeros(3), 10, 5, False) == []
-    assert not list(tmp_path.iterdir())
+    (tmp_path / "shards").mkdir()
+    data = {"items": np.arange(3), "starts": empty, "ts": empty, "users": empty, "logq": np.zeros(3)}
+    assert _fast(tmp_path / "shards", data, shard_size=10, max_history=5) == []
+    assert not list((tmp_path / "shards").iterdir())
 
 
 # Payload sizes around block edges, and a count that crosses a 20-block record boundary.

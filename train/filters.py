@@ -51,7 +51,11 @@ class InMemoryPart:
 
 def k_core(user_codes: np.ndarray, item_codes: np.ndarray, n_users: int, n_items: int,
            k: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The k-core of one in-memory log: (interactions kept, items kept, rounds that removed something)."""
+    """The k-core of one in-memory log: (interactions kept, items kept, rounds that removed something).
+
+    Prepare uses `k_core_of_parts` on the log cut into partitions; this whole-log form is the
+    reference the tests hold it to (and check against a naive filter).
+    """
     part = InMemoryPart(np.asarray(user_codes), np.asarray(item_codes), n_users)
     items_kept, rounds = k_core_of_parts([part], n_items, k)
     return part.keep(), items_kept, rounds

@@ -37,16 +37,22 @@ log = logging.getLogger(__name__)
 FORMATS = ("movielens", "amazon", "unisrec")
 
 
+class Named:
+    """Something read under the standard column names that knows the file's own (`names`)."""
+
+    names: dict[str, str]  # standard column -> the file's own name
+
+    def name(self, column: str) -> str:
+        return self.names.get(column, column)
+
+
 @dataclass(frozen=True)
-class Source:
+class Source(Named):
     """A table read from a file, under the standard column names, and how to point at its rows."""
 
     table: pa.Table
     where: Callable[[int], str]  # row -> "file line N" (or just the file), for messages
-    names: dict[str, str] = field(default_factory=dict)  # standard column -> the file's own name
-
-    def name(self, column: str) -> str:
-        return self.names.get(column, column)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def lines_from(path: Path, first_line: int) -> Callable[[int], str]:
@@ -60,17 +66,11 @@ def read(fmt: str, interactions: str | Path, catalog: str | Path) -> tuple[Sourc
         "movielens": _movielens, "amazon": _amazon, "unisrec": _unisrec}
     if fmt not in readers_of:
         raise UserError(f"data.format: cannot read {fmt!r} files")
-    return readers_of[fmt](_existing(interactions, "data.interactions"), _existing(catalog, "data.catalog"))
+    return readers_of[fmt](readers.existing_file(interactions, "data.interactions"),
+                           readers.existing_file(catalog, "data.catalog"))
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def _existing(path: str | Path, role: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{role}: file not found: {path}")
-    return path
-
 
 def _first_line(path: Path) -> str:
     """The first line, read as latin-1 (which decodes any bytes), through gzip for *.gz."""

@@ -15,6 +15,7 @@ Files, all in one spill directory that prepare removes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,11 @@ class DiskCorePart:
 
 class LogSpill:
     """Appends checked chunks of the log (SPILL_SCHEMA) to `directory/log.arrow`, sampling their
-    user ids; `partitions` then cuts the file into partitions of at most about `rows` rows."""
+    user ids; `partitions` then cuts the file into partitions of about `rows` rows.
+
+    A user is never split, so a partition holding a user with more than `rows` interactions is
+    that long: memory then follows the largest user's history, not the figure.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -160,9 +165,19 @@ class LogSpill:
         return partitions
 
 
-# Partition files written at once: a log cut into more is routed in several passes, so that
-# the open files stay well under the usual limit of 1024 a process.
-OPEN_PARTITIONS = 256
+def _open_partitions() -> int:
+    """Partition files to write at once: a quarter of the process's soft limit on open files
+    (1024 on Linux, 256 on macOS), so that the rest of the process keeps plenty."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 64
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 256 if soft == resource.RLIM_INFINITY else max(16, min(256, soft // 4))
+
+
+# A log cut into more partitions than this is routed in several passes, one group at a time.
+OPEN_PARTITIONS = _open_partitions()
 
 
 def _route(path: Path, boundaries: pa.Array, directory: Path) -> list[Partition]:
@@ -171,27 +186,33 @@ def _route(path: Path, boundaries: pa.Array, directory: Path) -> list[Partition]
     rows = np.zeros(count, np.int64)
     for first in range(0, count, OPEN_PARTITIONS):
         group = range(first, min(first + OPEN_PARTITIONS, count))
-        sinks = [pa.OSFile(str(_part_path(directory, p)), "wb") for p in group]
-        writers = [pa.ipc.new_file(sink, SPILL_SCHEMA) for sink in sinks]
-        try:
-            with pa.OSFile(str(path)) as source:
-                reader = pa.ipc.open_file(source)
-                for index in range(reader.num_record_batches):
-                    batch = reader.get_batch(index)
-                    part = partition_of(batch.column("user_id"), boundaries) - first
-                    counts = np.bincount(part[(part >= 0) & (part < len(group))], minlength=len(group))
-                    grouped = batch.take(pa.array(np.argsort(part, kind="stable")))
-                    begin = int(np.count_nonzero(part < 0))  # rows of earlier groups sort first
-                    for writer, rows_here in zip(writers, counts.tolist()):
-                        if rows_here:
-                            writer.write_batch(grouped.slice(begin, rows_here))
-                        begin += rows_here
-                    rows[first:first + len(group)] += counts
-        finally:
-            for writer, sink in zip(writers, sinks):
-                writer.close()
-                sink.close()
+        rows[first:first + len(group)] = _route_group(path, boundaries, directory, group)
     return [Partition(_part_path(directory, p), int(n)) for p, n in enumerate(rows)]
+
+
+def _route_group(path: Path, boundaries: pa.Array, directory: Path, group: range) -> np.ndarray:
+    """Copy the rows of `path` that belong to the partitions of `group` into their files; return
+    their row counts. Every file opened is closed, whichever open, write or close fails."""
+    counts = np.zeros(len(group), np.int64)
+    with contextlib.ExitStack() as stack:
+        writers = []
+        for p in group:  # each closed in reverse order on exit: the writer, then its file
+            sink = stack.enter_context(pa.OSFile(str(_part_path(directory, p)), "wb"))
+            writers.append(stack.enter_context(pa.ipc.new_file(sink, SPILL_SCHEMA)))
+        source = stack.enter_context(pa.OSFile(str(path)))
+        reader = pa.ipc.open_file(source)
+        for index in range(reader.num_record_batches):
+            batch = reader.get_batch(index)
+            part = partition_of(batch.column("user_id"), boundaries) - group.start
+            here = np.bincount(part[(part >= 0) & (part < len(group))], minlength=len(group))
+            grouped = batch.take(pa.array(np.argsort(part, kind="stable")))
+            begin = int(np.count_nonzero(part < 0))  # rows of earlier groups sort first
+            for writer, rows_here in zip(writers, here.tolist()):
+                if rows_here:
+                    writer.write_batch(grouped.slice(begin, rows_here))
+                begin += rows_here
+            counts += here
+    return counts
 
 
 def _part_path(directory: Path, partition: int) -> Path:

@@ -69,7 +69,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
         fields.update(columns=asdict(data.columns), catalog_columns=asdict(data.catalog_columns),
                       unknown_items=data.unknown_items,
                       files={"interactions": _file_stamp(data.interactions), "catalog": _file_stamp(data.catalog)})
-    # Only when on, so that directories prepared before these keys existed stay valid.
+    # Only when on: a filter left off adds no key (a new SCHEMA_VERSION re-prepares every directory anyway).
     if data.min_rating > float("-inf"):
         fields["min_rating"] = data.min_rating
     if data.k_core:
@@ -94,8 +94,36 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
 
 
 def is_prepared(config: Config) -> bool:
+    return stale_reason(config) is None
+
+
+def stale_reason(config: Config) -> str | None:
+    """Why `config.data.dir` must be prepared (again), for the log; None if it is up to date."""
     manifest = read_manifest(config.data.dir)
-    return manifest is not None and manifest.get("fingerprint") == json.loads(json.dumps(fingerprint(config)))
+    if manifest is None:
+        return "not prepared yet"
+    old = manifest.get("fingerprint") or {}
+    new = json.loads(json.dumps(fingerprint(config)))  # as the manifest holds it (tuples as lists)
+    if old == new:
+        return None
+    if old.get("schema_version") != SCHEMA_VERSION:
+        return f"prepared with schema {old.get('schema_version', manifest.get('schema_version'))}, now {SCHEMA_VERSION}"
+    return f"prepared from other settings ({', '.join(_changed_settings(old, new))} changed)"
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The config keys (or input files) whose fingerprint entries differ."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "files":
+            before, after = old.get(key) or {}, new.get(key) or {}
+            changed += [f"the data.{role} file" for role in sorted(set(before) | set(after))
+                        if before.get(role) != after.get(role)]
+        else:
+            changed.append(key if key == "seed" else f"data.{key}")
+    return changed
 
 
 # -------------------------------------------------------------------------- splitting
@@ -203,7 +231,8 @@ def _split_partition(partition: Partition, new_index: np.ndarray | None, totals:
     """Group and split one partition: its split rows to `split_writers`, its samples to `buckets`."""
     table = partition.read()
     if new_index is not None:  # the k-core's catalog: renumber the items it keeps
-        table = table.set_column(1, "item", pa.array(new_index[table.column("item").to_numpy()], pa.int32()))
+        table = table.set_column(table.schema.get_field_index("item"), "item",
+                                 pa.array(new_index[table.column("item").to_numpy()], pa.int32()))
     user_ids, bounds, items = _sequences(table)
     del table
     samples, train_counts, target_counts, splits = _leave_one_out(user_ids, bounds, items, len(totals.train_counts),
@@ -258,6 +287,7 @@ def _prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bu
     try:
         dropped = sources.spill_log(config, source, catalog.column("item_id").combine_chunks(), spill)
     finally:
+        source.close()  # the log file, when an error stopped the reading early
         spill.close()
     partitions = spill.partitions(budget.partition_rows)
     log.debug("%d interactions kept, in %d partition(s)", spill.rows, len(partitions))
@@ -279,7 +309,8 @@ def _prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bu
     finally:
         for writer in split_writers.values():
             writer.close()
-    assert totals.samples == n_samples, "the census and the split disagree on the samples"
+    if totals.samples != n_samples:  # a bug, not bad input: the shuffle's numbering would have holes
+        raise RuntimeError(f"prepare counted {n_samples} training samples but made {totals.samples}")
 
     # Sampling log-probability of each item as a positive: its share of training targets.
     # Items never seen as a target get the share of one count (no -inf in the loss).

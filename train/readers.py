@@ -9,9 +9,11 @@ large log without a Python object per interaction.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ def row_location(path: Path, fmt: str, row: int) -> str:
 
 def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> pa.Table:
     """Read `columns` of `path` (format `fmt`) as strings. `role` names the config key in errors."""
-    path = _existing(path, role)
+    path = existing_file(path, role)
     try:
         if fmt in _DELIMITERS:
             table = pacsv.read_csv(path, **_csv_options(path, fmt, columns, 1 << 24))
@@ -67,19 +69,22 @@ def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> p
     return pa.table({c: _as_strings(table.column(c)) for c in columns})
 
 
-def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str, block_bytes: int) -> Iterator[pa.Table]:
+def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
+                 block_bytes: int) -> Generator[pa.Table, None, None]:
     """`read_columns`, one block of about `block_bytes` of the file at a time, in file order.
 
-    Memory is a block's, whatever the file's length. A text block holds whole lines; a Parquet
-    block is `block_bytes // ROW_BYTES` rows. Errors raise `UserError` as in read_columns,
-    possibly after earlier blocks were yielded.
+    Memory is a block's (two for JSON lines: one is read ahead), whatever the file's length. A
+    text block holds whole lines; a Parquet block is `block_bytes // ROW_BYTES` rows. Errors
+    raise `UserError` as in read_columns, possibly after earlier blocks were yielded. Closing
+    the generator closes the file.
     """
-    path = _existing(path, role)
+    path = existing_file(path, role)
+    tables = _json_tables(path, columns, block_bytes) if fmt == "jsonl" else _batch_tables(path, fmt, columns,
+                                                                                            block_bytes)
     try:
-        batches = _open_batches(path, fmt, columns, block_bytes)
-        for batch in batches:
-            table = pa.Table.from_batches([batch])
-            yield pa.table({c: _as_strings(table.column(c)) for c in columns})
+        with contextlib.closing(tables):
+            for table in tables:
+                yield pa.table({c: _as_strings(table.column(c)) for c in columns})
     except (pa.ArrowInvalid, OSError) as err:
         raise _unreadable(path, fmt, err) from None
 
@@ -88,19 +93,81 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str, bloc
 ROW_BYTES = 32
 
 
-def _open_batches(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Iterator[pa.RecordBatch]:
+def _batch_tables(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Generator[pa.Table, None, None]:
+    """The blocks of a delimited or Parquet file, the reader closed however the iteration ends."""
     if fmt in _DELIMITERS:
-        return iter(pacsv.open_csv(path, **_csv_options(path, fmt, columns, block_bytes)))
-    if fmt == "parquet":
-        parquet = pq.ParquetFile(path)
-        _require(path, columns, parquet.schema_arrow.names)
-        return parquet.iter_batches(batch_size=max(1, block_bytes // ROW_BYTES), columns=columns)
-    if fmt == "jsonl":
-        # Arrow infers the JSON types from the first block; one line must fit in a block.
-        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block_bytes))
-        _require(path, columns, reader.schema.names)
-        return iter(reader)
-    raise UserError(f"data.format: cannot read {fmt!r} files")
+        with pacsv.open_csv(path, **_csv_options(path, fmt, columns, block_bytes)) as reader:
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
+    elif fmt == "parquet":
+        with pq.ParquetFile(path) as parquet:
+            _require(path, columns, parquet.schema_arrow.names)
+            for batch in parquet.iter_batches(batch_size=max(1, block_bytes // ROW_BYTES), columns=columns):
+                yield pa.Table.from_batches([batch])
+    else:
+        raise UserError(f"data.format: cannot read {fmt!r} files")
+
+
+def _json_tables(path: Path, columns: list[str], block_bytes: int) -> Generator[pa.Table, None, None]:
+    """The requested columns of a JSON lines file (gzipped or not), a block of whole lines at a time.
+
+    Each block is parsed alone, with types of its own: Arrow's streaming JSON reader would fix
+    them, and the fields, from the first block, and fail on a field first seen later or on
+    numbers that turn from integers to decimals. `_as_strings` evens the types out. A field
+    absent from a block is null there, as a whole-file read makes it (the caller reports the
+    first such line); one absent from every line is a missing column, said before the last
+    block is yielded (so before any for a file of one block).
+    """
+    seen: dict[str, None] = {}  # the fields met so far, in order
+    first_row = 0
+    blocks = _line_blocks(path, block_bytes)
+    with contextlib.closing(blocks):
+        for block, last in _with_last(blocks):
+            table = _json_block(block, first_row)
+            seen.update(dict.fromkeys(table.column_names))
+            if last:
+                _require(path, columns, list(seen))
+            if table.num_rows:
+                yield pa.table({c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, pa.string())
+                                for c in columns})
+            first_row += table.num_rows
+    _require(path, columns, list(seen))  # an empty file
+
+
+def _json_block(block: bytes, first_row: int) -> pa.Table:
+    """One block of lines parsed as one Arrow block (so with one set of types), whose first row
+    is row `first_row` of the file; Arrow's "in row N" in errors is made a row of the file."""
+    try:
+        return pajson.read_json(pa.BufferReader(block), read_options=pajson.ReadOptions(block_size=len(block) + 1))
+    except pa.ArrowInvalid as err:
+        message = re.sub(r"\bin row (\d+)", lambda match: f"in row {first_row + int(match.group(1))}", str(err))
+        raise pa.ArrowInvalid(message) from None
+
+
+def _line_blocks(path: Path, block_bytes: int) -> Generator[bytes, None, None]:
+    """The file's bytes (decompressed for *.gz, *.bz2, ...) in blocks of whole lines of about
+    `block_bytes`; a line longer than that is a block of its own."""
+    with pa.input_stream(str(path)) as stream:
+        pending: list[bytes] = []  # the start of a line that has not ended yet
+        while data := stream.read(max(1, block_bytes)):
+            cut = data.rfind(b"\n") + 1
+            if not cut:
+                pending.append(data)
+                continue
+            yield b"".join([*pending, data[:cut]])
+            pending = [data[cut:]]
+        rest = b"".join(pending)
+        if rest.strip():
+            yield rest
+
+
+def _with_last(blocks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Each block and whether it is the last (one block read ahead)."""
+    block = next(blocks, None)
+    while block is not None:
+        following = next(blocks, None)
+        yield block, following is None
+        block = following
 
 
 def _csv_options(path: Path, fmt: str, columns: list[str], block_bytes: int) -> dict[str, Any]:
@@ -114,7 +181,8 @@ def _csv_options(path: Path, fmt: str, columns: list[str], block_bytes: int) -> 
                                                     strings_can_be_null=False, quoted_strings_can_be_null=False)}
 
 
-def _existing(path: str | Path, role: str) -> Path:
+def existing_file(path: str | Path, role: str) -> Path:
+    """`path`, or a `UserError` saying that the file `role` names is not there."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{role}: file not found: {path}")

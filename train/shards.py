@@ -57,6 +57,13 @@ def _scatter(target: np.ndarray, starts: np.ndarray, runs: Runs) -> None:
         target[np.repeat(starts - run_starts, lengths) + np.arange(len(flat))] = flat
 
 
+def gather(values: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The runs `values[starts[i]:starts[i] + lengths[i]]`, back to back (`_scatter`'s inverse)."""
+    lengths = np.asarray(lengths, np.int64)
+    first = np.cumsum(lengths) - lengths
+    return values[np.repeat(np.asarray(starts, np.int64) - first, lengths) + np.arange(int(lengths.sum()))]
+
+
 def _write_runs(target: np.ndarray, starts: np.ndarray, parts: list[Runs]) -> np.ndarray:
     """Write each row's runs of `parts` one after another from `target[starts[i]]`; return the ends."""
     position = starts
@@ -223,52 +230,6 @@ class ShardWriter:
 def histories(items: np.ndarray, starts: np.ndarray, ts: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's history, the (at most `max_history`) items of `items[starts:starts + ts]`
     before its target: (the histories back to back, their lengths)."""
-    hi = starts + ts
+    hi = np.asarray(starts, np.int64) + ts
     lo = np.maximum(starts, hi - max_history)
-    lengths = hi - lo
-    first = np.cumsum(lengths) - lengths
-    return items[np.repeat(lo - first, lengths) + np.arange(int(lengths.sum()))], lengths
-
-
-def write_training_shards(shard_dir: Path, items: np.ndarray, starts: np.ndarray, ts: np.ndarray, users: np.ndarray,
-                          order: np.ndarray, logq: np.ndarray, shard_size: int, max_history: int,
-                          show_progress: bool) -> list[dict[str, Any]]:
-    """Write the training samples as `shard_dir/train-NNNNNN.tar`, `shard_size` samples a shard.
-
-    Args:
-        shard_dir: existing directory the shards go into.
-        items: catalog index of every interaction, each user's sequence contiguous and in time order.
-        starts: per sample, the index in `items` where its user's sequence starts.
-        ts: per sample, the position of its target within its user's sequence (>= 1).
-        users: per sample, its user index.
-        order: the permutation of sample indices in which samples are written.
-        logq: per catalog item, its log sampling probability as a positive.
-        shard_size: samples per shard (the last shard may hold fewer).
-        max_history: most recent items kept before the target as the sample's history.
-        show_progress: show a tqdm bar.
-
-    Returns:
-        `[{"name": "shards/train-000000.tar", "samples": n}, ...]` in shard order.
-
-    Sample `k` of the stream is sample `order[k]`: member `u{user:09d}t{t:06d}.json` holding
-    `{"user":u,"history":[...],"item":i,"logq":round(logq[i],6)}` (compact JSON). Memory is
-    one shard's buffers plus two catalog-sized tables, whatever the number of samples.
-    """
-    from tqdm import tqdm
-
-    if shard_size < 1 or max_history < 1:
-        raise ValueError("shard_size and max_history must be >= 1")
-    items, starts, ts, users, order = (np.asarray(a, np.int64) for a in (items, starts, ts, users, order))
-    if len(ts) and ts.min() < 1:
-        raise ValueError("a training sample's position t must be >= 1 (it needs a history)")
-    writer = ShardWriter(shard_dir, logq)
-    shards = []
-    bar = tqdm(total=len(order), desc="prepare", unit="sample", disable=not show_progress, leave=False)
-    for shard, begin in enumerate(range(0, len(order), shard_size)):
-        chosen = order[begin:begin + shard_size]
-        history, history_lengths = histories(items, starts[chosen], ts[chosen], max_history)
-        shards.append(writer.write(shard, users[chosen], ts[chosen], history, history_lengths,
-                                   items[starts[chosen] + ts[chosen]]))
-        bar.update(len(chosen))
-    bar.close()
-    return shards
+    return gather(items, hi - lo, lo), hi - lo

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from train.shards import gather
+
 _ROUNDS = 6  # Feistel rounds; four already make a pseudo-random permutation (Luby-Rackoff)
 
 
@@ -93,7 +95,7 @@ class SampleBuckets:
         bucket = records["place"] // self.span
         order = np.argsort(bucket, kind="stable")
         records = records[order]
-        history = _gather(np.asarray(history, np.int32), np.asarray(history_lengths)[order],
+        history = gather(np.asarray(history, np.int32), np.asarray(history_lengths)[order],
                           (np.cumsum(history_lengths) - history_lengths)[order])
         ends = np.cumsum(np.bincount(bucket, minlength=self.count))
         history_ends = np.cumsum(records["history_length"], dtype=np.int64)
@@ -124,17 +126,10 @@ class SampleBuckets:
                 yield b * per_bucket + begin // self.shard_size, {
                     "users": records["user"][chosen], "ts": records["t"][chosen],
                     "targets": records["target"][chosen],
-                    "history": _gather(history, lengths[chosen], history_starts[chosen]),
+                    "history": gather(history, lengths[chosen], history_starts[chosen]),
                     "history_lengths": lengths[chosen]}
             sample_file.unlink()
             history_file.unlink()
-
-
-def _gather(values: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The runs `values[starts[i]:starts[i] + lengths[i]]`, back to back."""
-    lengths = np.asarray(lengths, np.int64)
-    first = np.cumsum(lengths) - lengths
-    return values[np.repeat(np.asarray(starts, np.int64) - first, lengths) + np.arange(int(lengths.sum()))]
 
 
 def write_shards(buckets: SampleBuckets, write: Callable[..., dict[str, Any]],

@@ -11,8 +11,9 @@ chunk) and to break ties of time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,22 +30,31 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LogSource:
+class LogSource(formats.Named):
     """The interaction log as chunks under the standard column names (user_id, item_id, timestamp
-    [, rating]), in file order, and how to point at its rows."""
+    [, rating]), in file order, and how to point at its rows (as a formats.Source does)."""
 
-    chunks: Iterator[pa.Table]
+    chunks: Generator[pa.Table, None, None]
     columns: list[str]  # the standard columns the chunks hold
     where: Callable[[int], str]  # row of the whole log -> "file line N" (or just the file), for messages
-    names: dict[str, str]  # standard column -> the file's own name
+    names: dict[str, str]
 
-    def name(self, column: str) -> str:
-        return self.names.get(column, column)
+    def close(self) -> None:
+        """Close the file the chunks come from, if it is still open."""
+        self.chunks.close()
 
 
-def _chunks_of(table: pa.Table, rows: int) -> Iterator[pa.Table]:
+def _chunks_of(table: pa.Table, rows: int) -> Generator[pa.Table, None, None]:
     for batch in table.to_batches(max_chunksize=rows):
         yield pa.Table.from_batches([batch])
+
+
+def _renamed(chunks: Generator[pa.Table, None, None], names: dict[str, str]) -> Generator[pa.Table, None, None]:
+    """`chunks` with columns renamed from the file's (`names` values) to the standard (keys);
+    closing this closes `chunks`, so the file."""
+    with contextlib.closing(chunks):
+        for chunk in chunks:
+            yield pa.table({name: chunk.column(column) for name, column in names.items()})
 
 
 def read(config: Config, chunk_bytes: int, chunk_bytes_per_item: int) -> tuple[LogSource, pa.Table]:
@@ -78,8 +88,7 @@ def read(config: Config, chunk_bytes: int, chunk_bytes_per_item: int) -> tuple[L
         names["rating"] = cols.rating
     file_chunks = readers.iter_columns(data.interactions, data.format, list(dict.fromkeys(names.values())),
                                        "data.interactions", rows(catalog) * readers.ROW_BYTES)
-    chunks = (pa.table({name: chunk.column(column) for name, column in names.items()}) for chunk in file_chunks)
-    return LogSource(chunks, list(names), _lines(data.interactions, data.format), names), catalog
+    return LogSource(_renamed(file_chunks, names), list(names), _lines(data.interactions, data.format), names), catalog
 
 
 def _lines(path: str, fmt: str) -> Callable[[int], str]:

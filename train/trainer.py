@@ -70,9 +70,9 @@ class Trainer:
         """Prepare data if needed (rank 0; the others wait), then catalog, tokenizer and prompts."""
         config = self.config
         if self.dist.is_main:
-            if not prepare.is_prepared(config):
-                if prepare.read_manifest(config.data.dir) is not None:
-                    log.info("%s was prepared from other settings: preparing it again", config.data.dir)
+            reason = prepare.stale_reason(config)
+            if reason is not None:
+                log.info("preparing %s: %s", config.data.dir, reason)
                 prepare.prepare(config, show_progress=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
