@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.loss import (Temperature, catalog_loss, contrastive_loss, position_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
-                        user_contrastive_loss)
+from model.loss import (Temperature, catalog_loss, contrastive_loss, pairwise_softmax_loss, position_loss,
+                        symmetric_loss, triplet_loss, user_contrastive_loss)
 
 
 class Objective(nn.Module):

@@ -60,7 +60,8 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
-        self.catalog_embeddings: torch.Tensor | None = None  # loss.negatives with catalog: every item, no grad
+        # Every item's embedding (no grad) for catalog negatives and history positions.
+        self.catalog_embeddings: torch.Tensor | None = None
         self.catalog_tokens: list[list[int]] | None = None
         self.stop_signal: int | None = None
         self.previous_handlers: dict[int, Any] = {}
