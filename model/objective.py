@@ -35,6 +35,11 @@ class Objective(nn.Module):
         self.mask_history = mask_history
         self.calls = 0  # seeds the random triplet draws; the same on every rank
 
+    @property
+    def needs_catalog(self) -> bool:
+        """Whether forward needs every item's embedding (`catalog`)."""
+        return self.negatives != "batch" or self.history_positions > 0
+
     def forward(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
                 history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
                 views: tuple[torch.Tensor, torch.Tensor] | None = None, catalog: torch.Tensor | None = None,
@@ -48,18 +53,21 @@ class Objective(nn.Module):
         if self.negatives != "catalog":
             terms.append(self._in_batch(query, item, item_ids, tau, history_ids, logq, group))
         if self.negatives != "batch":
-            if catalog is None:
-                raise ValueError(f"negatives={self.negatives} needs the catalog's embeddings")
-            terms.append(catalog_loss(query, item_ids, catalog, temperature=tau))
+            terms.append(catalog_loss(query, item_ids, self._required(catalog), temperature=tau))
         self.calls += 1
         loss = terms[0] if len(terms) == 1 else (terms[0] + terms[1]) / 2
         if views is not None and self.user_cl_weight > 0:
             loss = loss + self.user_cl_weight * user_contrastive_loss(*views, temperature=tau, group=group)
         if positions is not None and self.history_positions > 0:
-            if catalog is None:
-                raise ValueError("history positions need the catalog's embeddings")
-            loss = loss + self.history_positions * position_loss(*positions, catalog, temperature=tau, group=group)
+            loss = loss + self.history_positions * position_loss(*positions, self._required(catalog), temperature=tau,
+                                                                  group=group)
         return loss
+
+    def _required(self, catalog: torch.Tensor | None) -> torch.Tensor:
+        if catalog is None:
+            raise ValueError(f"negatives={self.negatives}, history_positions={self.history_positions:g} "
+                             "need the catalog's embeddings")
+        return catalog
 
     def _in_batch(self, query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, tau: torch.Tensor,
                   history_ids: torch.Tensor | None, logq: torch.Tensor | None,

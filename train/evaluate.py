@@ -4,6 +4,8 @@ RecBole-style numbers are reported)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,17 @@ from model.gather import gather_no_grad, world
 from train.collate import PromptEncoder
 from train.config import Config
 from train.ranking import rank_in_chunks
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
@@ -63,14 +76,12 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
-    was_training = encoder.training
-    encoder.eval()
-    items = encode_sharded(encoder, prompts, prompts.item_tokens(range(len(prompts.catalog))), config.eval.batch_size,
-                           device, "encode catalog", show_progress)
-    histories = [h[-config.data.max_history:] for h in rows["history"]]
-    users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
-                           "encode users", show_progress)
-    encoder.train(was_training)
+    with eval_mode(encoder):
+        items = encode_sharded(encoder, prompts, prompts.item_tokens(range(len(prompts.catalog))),
+                               config.eval.batch_size, device, "encode catalog", show_progress)
+        histories = [h[-config.data.max_history:] for h in rows["history"]]
+        users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
+                               "encode users", show_progress)
     targets = torch.tensor(rows["target"], dtype=torch.long)
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
     metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks))

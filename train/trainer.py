@@ -31,7 +31,7 @@ from train.config import Config
 from train.config_io import save_config
 from train.distributed import DistState
 from train.engines import Engine, RecModel, choose, init_process_group
-from train.evaluate import encode_sharded, evaluate, format_table
+from train.evaluate import encode_sharded, eval_mode, evaluate, format_table
 from train.stream import TrainStream, expand_urls, make_loader
 from train.tokenizer import load_or_build
 
@@ -171,17 +171,15 @@ class Trainer:
 
         Between refreshes the catalog is up to catalog_refresh_every steps stale (model/loss.py's
         catalog_loss says why the positive is stale too)."""
-        lc = self.config.loss
-        uses_catalog = lc.negatives != "batch" or lc.history_positions > 0
-        if not uses_catalog or (self.catalog_embeddings is not None and self.step % lc.catalog_refresh_every):
+        stale = self.catalog_embeddings is None or self.step % self.config.loss.catalog_refresh_every == 0
+        if not self.model.objective.needs_catalog or not stale:
             return
         if self.catalog_tokens is None:
             self.catalog_tokens = self.prompts.item_tokens(range(len(self.catalog)))
-        was_training = self.encoder.training
-        self.encoder.eval()
-        self.catalog_embeddings = encode_sharded(self.encoder, self.prompts, self.catalog_tokens, self.config.eval.batch_size,
-                                                 self.dist.device, "encode catalog", False).to(self.dist.device)
-        self.encoder.train(was_training)
+        with eval_mode(self.encoder):
+            self.catalog_embeddings = encode_sharded(self.encoder, self.prompts, self.catalog_tokens,
+                                                     self.config.eval.batch_size, self.dist.device, "encode catalog",
+                                                     False).to(self.dist.device)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on this rank's part of the global batch; returns the local loss."""
