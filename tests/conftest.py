@@ -12,6 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+# MovieLens 100K as RecBole atomic files, read by path beside the project (never copied in).
+ML_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture
+def ml_100k(tmp_path: Path) -> list[str]:
+    """Config overrides that prepare ../shared/data/ml-100k into tmp_path; skips when it is absent."""
+    if not ML_100K.is_dir():
+        pytest.skip("needs ../shared/data/ml-100k beside the project")
+    return ["data.format=atomic", f"data.interactions={ML_100K / 'ml-100k.inter'}",
+            f"data.catalog={ML_100K / 'ml-100k.item'}", f"data.dir={tmp_path / 'ml-100k'}"]
+
 # The item catalog, deliberately not in id order (item_index follows file order, not ids), with
 # titles holding a comma and double quotes.
 CATALOG_COLUMNS = ("item_id", "title", "genre")

@@ -27,7 +27,6 @@ from train.errors import UserError
 from train.filters import k_core
 from train.prepare import prepare
 
-ML_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 # (user, item, rating, time) in file order.
 RATINGS = [(2, 5, 4, 350), (1, 1, 5, 100), (1, 4, 2, 400), (2, 4, 4, 50), (1, 2, 3, 200), (2, 2, 3, 450),
@@ -370,12 +369,8 @@ def test_k_core_matches_the_one_at_a_time_reference(seed: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ML_100K.is_dir(), reason="needs ../shared/data/ml-100k beside the project")
-def test_ml_100k_5_core(tmp_path: Path) -> None:
-    config = load_config(None, [
-        "data.format=atomic", f"data.interactions={ML_100K / 'ml-100k.inter'}",
-        f"data.catalog={ML_100K / 'ml-100k.item'}", f"data.dir={tmp_path / 'ml-100k'}",
-        "data.catalog_columns.text=[movie_title]", "data.k_core=5"])
+def test_ml_100k_5_core(tmp_path: Path, ml_100k: list[str]) -> None:
+    config = load_config(None, [*ml_100k, "data.catalog_columns.text=[movie_title]", "data.k_core=5"])
     manifest = prepare(config, show_progress=False)
     counts, filtered = manifest["counts"], manifest["filters"]
     # Every user has rated >= 20 movies: the 5-core drops items only, and few users' ratings.

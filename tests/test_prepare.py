@@ -27,7 +27,6 @@ from train.config_io import load_config
 from train.errors import UserError
 from train.prepare import is_prepared, prepare, stale_reason
 
-ML_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 EXPECTED_VALID = [
     {"user_index": 0, "user_id": "u1", "history": [1, 0, 3, 7], "target": 2},
@@ -398,12 +397,8 @@ def test_missing_timestamp_in_jsonl_is_reported(write_dataset) -> None:
 # -------------------------------------------------------------------------- ml-100k
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ML_100K.is_dir(), reason="needs ../shared/data/ml-100k beside the project")
-def test_prepare_ml_100k(tmp_path: Path) -> None:
-    config = load_config(None, [
-        "data.format=atomic", f"data.interactions={ML_100K / 'ml-100k.inter'}",
-        f"data.catalog={ML_100K / 'ml-100k.item'}", f"data.dir={tmp_path / 'ml-100k'}",
-        "data.catalog_columns.text=[movie_title, class]"])
+def test_prepare_ml_100k(tmp_path: Path, ml_100k: list[str]) -> None:
+    config = load_config(None, [*ml_100k, "data.catalog_columns.text=[movie_title, class]"])
     manifest = prepare(config, show_progress=False)
     users, items, ratings = 943, 1682, 100_000
     # Every user has >= 20 ratings: two held out each, and each user's first training item
