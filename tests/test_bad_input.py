@@ -28,6 +28,7 @@ def _assert_clean_failure(code: int, out: str, err: str, dataset: dict[str, Any]
     assert not data_dir.exists()
     assert not data_dir.with_name(f".{data_dir.name}.tmp").exists()
     assert not data_dir.with_name(f".{data_dir.name}.old").exists()
+    assert not data_dir.with_name(f".{data_dir.name}.lock").exists()
 
 
 def test_valid_data_prepares(tmp_path: Path, write_dataset, capsys: pytest.CaptureFixture[str]) -> None:

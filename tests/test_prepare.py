@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import pytest
 
 from train.config_io import load_config
 from train.errors import UserError
-from train.prepare import is_prepared, prepare, stale_reason
+from train.prepare import exclusive, is_prepared, prepare, stale_reason
 
 
 EXPECTED_VALID = [
@@ -425,3 +427,23 @@ def test_prepare_ml_100k(tmp_path: Path, ml_100k: list[str]) -> None:
     # The validation target is the last item of the test history.
     assert [h[-1] for h in test.column("history").to_pylist()] == valid.column("target").to_pylist()
     assert min(len(h) for h in valid.column("history").to_pylist()) >= 18
+
+
+def test_a_second_prepare_of_the_same_dir_waits_for_the_first(write_dataset) -> None:
+    """Two trainings started together on one data.dir: the second waits, writes nothing
+    meanwhile, then prepares cleanly; no lock file is left."""
+    dataset = write_dataset("csv")
+    root = Path(__file__).resolve().parents[1]
+    recipe = dataset["interactions"].with_name("recipe.yaml")
+    recipe.write_text("seed: 0\n")
+    with exclusive(dataset["dir"]):
+        second = subprocess.Popen([sys.executable, "-m", "train.cli", "prepare", str(recipe), *dataset["overrides"]],
+                                  cwd=root,
+                                  stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        assert second.stderr is not None
+        first_line = second.stderr.readline()
+        assert "waiting for another prepare of" in first_line, first_line
+        assert sorted(p.name for p in dataset["dir"].parent.iterdir()) == [".data.lock"]
+    assert second.wait(timeout=120) == 0, second.stderr.read()
+    _assert_small_dataset(dataset["dir"], json.loads((dataset["dir"] / "manifest.json").read_text()))
+    assert sorted(p.name for p in dataset["dir"].parent.iterdir()) == ["data"]

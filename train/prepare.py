@@ -18,11 +18,15 @@ nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -346,15 +350,62 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing
 
 
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One prepare of `out_dir` at a time, across processes: two trainings started together on
+    the same data.dir would otherwise write one temporary directory at once. The second waits
+    for the first (then finds the data prepared). The lock is the file `.<name>.lock` beside
+    data.dir, removed on the way out; its parents are removed too when nothing else is in them.
+    """
+    created = _missing_parents(out_dir)
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    while True:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = lock.open("a")
+        except FileNotFoundError:  # the holder before us removed the empty parent just now
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another prepare of %s (%s is held)", out_dir, lock)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        # The holder before us may have removed the file we waited on; then lock the new one.
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink()
+        handle.close()
+        for directory in created:  # a failed prepare leaves no trace, not even data.dir's parents
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
+
+
+def ensure_prepared(config: Config) -> None:
+    """Prepare `config.data.dir` unless it is up to date (what train and eval do first)."""
+    with exclusive(Path(config.data.dir)):
+        reason = stale_reason(config)
+        if reason is not None:
+            log.info("preparing %s: %s", config.data.dir, reason)
+            _prepare(config, True, Budget())
+
+
 def prepare(config: Config, show_progress: bool = True, budget: Budget = Budget()) -> dict[str, Any]:
     """Prepare `config.data` into `config.data.dir`; return the manifest.
 
     `budget` bounds the memory the log takes (tests shrink it to cut small logs into many pieces).
     """
+    with exclusive(Path(config.data.dir)):
+        return _prepare(config, show_progress, budget)
+
+
+def _prepare(config: Config, show_progress: bool, budget: Budget) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(config.data.dir)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
-    created = _missing_parents(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         manifest = _prepare_into(config, tmp_dir, show_progress, budget)
@@ -370,9 +421,6 @@ def prepare(config: Config, show_progress: bool = True, budget: Budget = Budget(
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        for directory in created:  # a failed prepare leaves no trace, not even data.dir's parents
-            if directory.exists() and not any(directory.iterdir()):
-                directory.rmdir()
         raise
     counts = manifest["counts"]
     log.info("prepared %s: %d users, %d items, %d training samples in %d shards (%.1fs)", out_dir,

@@ -191,6 +191,8 @@ def existing_file(path: str | Path, role: str) -> Path:
 
 def _unreadable(path: Path, fmt: str, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    # pyarrow >= 26 adds "Row #N: " counted inside its read block, not a file line: misleading here.
+    first = re.sub(r"Row #\d+: ", "", first)
     return UserError(f"{path}: cannot read as {fmt}: {first}")
 
 

@@ -71,10 +71,7 @@ class Trainer:
         """Prepare data if needed (rank 0; the others wait), then catalog, tokenizer and prompts."""
         config = self.config
         if self.dist.is_main:
-            reason = prepare.stale_reason(config)
-            if reason is not None:
-                log.info("preparing %s: %s", config.data.dir, reason)
-                prepare.prepare(config, show_progress=True)
+            prepare.ensure_prepared(config)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         manifest = prepare.read_manifest(config.data.dir)
