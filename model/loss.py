@@ -46,14 +46,17 @@ def _own(like: torch.Tensor, positive_column: torch.Tensor) -> torch.Tensor:
 def candidate_scores(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
                      history_ids: torch.Tensor | None = None, mask_false_negatives: bool = True,
                      group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(similarities [B, C], positive column [B], removed [B, C]) of local users against the global batch."""
+    """(similarities [B, C], positive column [B], removed [B, C]) of local users against the global batch.
+
+    `item` holds the B rows' positives, then optionally extra negatives (the same number on every
+    rank, e.g. items from the users' histories); `item_ids` matches it row for row."""
     rank, _ = world(group)
     rows = query.shape[0]
     candidates = gather_with_grad(item, group)
     candidate_ids = gather_no_grad(item_ids, group)
-    positive_column = rank * rows + torch.arange(rows, device=query.device)
+    positive_column = rank * item.shape[0] + torch.arange(rows, device=query.device)
     if mask_false_negatives:
-        removed = false_negative_mask(item_ids, candidate_ids, positive_column, history_ids)
+        removed = false_negative_mask(item_ids[:rows], candidate_ids, positive_column, history_ids)
     else:
         removed = torch.zeros(rows, candidates.shape[0], dtype=torch.bool, device=query.device)
     return query @ candidates.T, positive_column, removed
@@ -66,7 +69,10 @@ def _masked(logits: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
 def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, temperature: float | torch.Tensor,
                      history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
                      mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """InfoNCE of each local user against every item of the global batch (mean over local rows)."""
+    """InfoNCE of each local user against every item of the global batch (mean over local rows).
+
+    `item`, `item_ids` and `logq` may carry extra negatives after the B positives (see
+    candidate_scores)."""
     scores, positive_column, removed = candidate_scores(query, item, item_ids, history_ids=history_ids,
                                                         mask_false_negatives=mask_false_negatives, group=group)
     logits = scores / temperature

@@ -44,14 +44,21 @@ class Objective(nn.Module):
                 history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
                 views: tuple[torch.Tensor, torch.Tensor] | None = None, catalog: torch.Tensor | None = None,
                 positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """`catalog`: every item's embedding [N, D], needed when the negatives include the catalog
         or with history positions; `positions`: (user token states [B, T, D], rows, columns,
-        next items) for the history-positions term (model.loss.next_item_positions)."""
+        next items) for the history-positions term (model.loss.next_item_positions);
+        `negatives`: (ids, log q) of extra in-batch negatives whose embeddings follow the B
+        positives in `item` (loss.history_negatives)."""
         tau = self.temperature()
         terms = []
         if self.negatives != "catalog":
-            terms.append(self._in_batch(query, item, item_ids, tau, history_ids, logq, group))
+            candidate_ids, candidate_logq = item_ids, logq
+            if negatives is not None:
+                candidate_ids = torch.cat([item_ids, negatives[0]])
+                candidate_logq = None if logq is None else torch.cat([logq, negatives[1].to(logq.dtype)])
+            terms.append(self._in_batch(query, item, candidate_ids, tau, history_ids, candidate_logq, group))
         if self.negatives != "batch":
             terms.append(catalog_loss(query, item_ids, self._required(catalog), temperature=tau))
         self.calls += 1

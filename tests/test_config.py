@@ -137,12 +137,16 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("loss.temperature=0", "loss.temperature: must be > 0"),
     ("loss.negatives=all", "loss.negatives: must be one of batch, catalog, batch+catalog (got 'all')"),
     ("loss.catalog_refresh_every=0", "loss.catalog_refresh_every: must be >= 1"),
+    ("loss.history_negatives=-1", "loss.history_negatives: must be >= 0"),
+    ("loss.history_negatives=2", "loss.history_negatives: needs loss.mask_history=false"),
+    (["loss.history_negatives=2", "loss.mask_history=false", "loss.kind=symmetric"],
+     "loss.history_negatives: needs loss.kind=infonce with in-batch negatives"),
     ("eval.best_metric=with_history/ndcg@5", "eval.best_metric: must be [with_history/]recall|ndcg|mrr|hr@K"),
     ("prompt.user_template=no history", "prompt.user_template: must contain {history}"),
     ("data.synthetic.max_length=2", "data.synthetic.max_length: must be >= min_length"),
 ])
-def test_impossible_values_are_rejected_with_the_key(override: str, prefix: str) -> None:
-    assert _error([override]).startswith(prefix)
+def test_impossible_values_are_rejected_with_the_key(override: str | list[str], prefix: str) -> None:
+    assert _error(override if isinstance(override, list) else [override]).startswith(prefix)
 
 
 def test_file_formats_require_both_input_files() -> None:

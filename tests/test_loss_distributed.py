@@ -24,7 +24,10 @@ PLANTED = {(0, 2), (2, 0), (1, 5), (5, 1), (0, 3), (6, 7)}
 # The catalog's embeddings: fixed, the same on every rank (in training, a recent no-grad pass).
 CATALOG = torch.nn.functional.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
 KINDS = ("infonce", "infonce_logq", "infonce_unmasked", "symmetric", "triplet_hardest", "triplet_random",
-         "pairwise", "user_cl", "batch_catalog", "history_positions")
+         "pairwise", "user_cl", "batch_catalog", "history_positions", "history_negatives")
+# Two negatives per row drawn from its history (repeated when it holds one item). Row 6's 2 is
+# row 7's positive: a false negative for row 7, wherever the two rows live.
+HISTORY_NEGATIVES = torch.tensor([[7, 1], [4, 4], [8, 6], [0, 0], [1, 4], [6, 6], [2, 13], [12, 12]])
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -39,9 +42,14 @@ def make_batch() -> dict[str, torch.Tensor]:
     user_ids, user_mask = tokens(12)
     view_ids, view_mask = tokens(10)
     item_ids, item_mask = tokens(6)
+    negative_tokens = [tokens(6) for _ in range(2)]
     return {"user_ids": user_ids, "user_mask": user_mask, "view_ids": view_ids, "view_mask": view_mask,
             "item_tok": item_ids, "item_mask": item_mask, "item_ids": ITEM_IDS, "history_ids": HISTORY,
-            "logq": torch.linspace(-4.0, -1.0, GLOBAL_BATCH)}
+            "logq": torch.linspace(-4.0, -1.0, GLOBAL_BATCH),
+            # [rows, 2, ...]: slicing rows takes each row's own negatives
+            "negative_tok": torch.stack([t[0] for t in negative_tokens], dim=1),
+            "negative_mask": torch.stack([t[1] for t in negative_tokens], dim=1),
+            "negative_ids": HISTORY_NEGATIVES, "negative_logq": torch.linspace(-5.0, -2.0, 2 * GLOBAL_BATCH).view(-1, 2)}
 
 
 def make_encoder() -> torch.nn.Module:
@@ -87,6 +95,11 @@ def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch
         positions = next_item_positions(batch["user_ids"], batch["user_mask"], token_items, batch["item_ids"])
         loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
             + position_loss(states, *positions, CATALOG, temperature=tau, group=group)
+    elif kind == "history_negatives":  # each rank's item block: its positives, then its rows' negatives
+        negatives = encoder(batch["negative_tok"].flatten(0, 1), batch["negative_mask"].flatten(0, 1))
+        loss = contrastive_loss(query, torch.cat([item, negatives]),
+                                torch.cat([batch["item_ids"], batch["negative_ids"].flatten()]), temperature=tau,
+                                logq=torch.cat([batch["logq"], batch["negative_logq"].flatten()]), group=group)
     else:
         view = encoder(batch["view_ids"], batch["view_mask"])
         loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \

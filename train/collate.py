@@ -74,10 +74,15 @@ class PromptEncoder:
     """Renders and tokenizes user and item prompts; one instance serves training and evaluation."""
 
     def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str,
-                 views: AugmentConfig | None = None, seed: int = 0) -> None:
+                 views: AugmentConfig | None = None, seed: int = 0, history_negatives: int = 0) -> None:
         self.catalog = catalog
         self.views = views
         self.seed = seed
+        self.history_negatives = history_negatives
+        if history_negatives:
+            # History items are drawn about as often as they were interacted with.
+            counts = catalog.train_counts().double().clamp(min=1)
+            self.item_logq = (counts / counts.sum()).log().float()
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.padding_side = padding_side
@@ -120,7 +125,12 @@ class PromptEncoder:
         histories = [s["history"] for s in samples]
         user_ids, user_mask = self.pad(self.user_tokens(histories))
         items = [s["item"] for s in samples]
-        item_ids, item_mask = self.pad(self.item_tokens(items))
+        # Seeded by the samples themselves: the same batch gets the same draws whichever worker
+        # builds it, so a resumed run replays them exactly.
+        keys = "".join(str(s.get("__key__", s["item"])) for s in samples)
+        negatives = self._history_negatives(histories, random.Random(zlib.crc32(keys.encode()) ^ self.seed ^ 0x6e6567))
+        # One item pass: the positives, then the negatives (model.loss.candidate_scores's layout).
+        item_ids, item_mask = self.pad(self.item_tokens(items + negatives))
         width = max(len(h) for h in histories)
         history = torch.full((len(samples), width), -1, dtype=torch.long)
         for row, h in enumerate(histories):
@@ -131,12 +141,23 @@ class PromptEncoder:
             "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history,
             "logq": torch.tensor([s.get("logq", 0.0) for s in samples], dtype=torch.float32),
         }
+        if negatives:
+            batch["negative_ids"] = torch.tensor(negatives, dtype=torch.long)
+            batch["negative_logq"] = self.item_logq[batch["negative_ids"]]
         if self.views is not None:
-            # Seeded by the samples themselves: the same batch gets the same views whichever
-            # worker builds it, so a resumed run replays them exactly.
-            keys = "".join(str(s.get("__key__", s["item"])) for s in samples)
             rng = random.Random(zlib.crc32(keys.encode()) ^ self.seed)
             for name in ("view_a", "view_b"):
                 views = [augment(list(h), rng, self.views.crop, self.views.mask, self.views.reorder) for h in histories]
                 batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = self.pad(self.user_tokens(views))
         return batch
+
+    def _history_negatives(self, histories: list[Sequence[int]], rng: random.Random) -> list[int]:
+        """`history_negatives` distinct items drawn from each user's history (repeated when it
+        holds fewer), row after row: negatives that teach the model not to recommend what the
+        user already has."""
+        out: list[int] = []
+        for history in histories if self.history_negatives else ():
+            distinct = list(dict.fromkeys(history))
+            drawn = rng.sample(distinct, min(self.history_negatives, len(distinct)))
+            out += [drawn[i % len(drawn)] for i in range(self.history_negatives)]
+        return out

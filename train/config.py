@@ -258,6 +258,9 @@ class LossConfig:
     history_positions: float = doc(0.0, "weight of next-item prediction at every history item of the user prompt "
                                         "(SASRec's training signal: one forward, a softmax over the catalog at each "
                                         "position; needs model.item_tokens and last pooling); 0 = off")
+    history_negatives: int = doc(0, "items drawn from each user's history and encoded as extra in-batch negatives "
+                                    "(infonce, loss.mask_history=false): for catalogs where users never take an "
+                                    "item twice, it teaches the model not to recommend what they have; 0 = off")
     augment: AugmentConfig = doc(AugmentConfig(), "augmentations of the user-user term")
 
     def __post_init__(self) -> None:
@@ -266,6 +269,11 @@ class LossConfig:
         _one_of(self.negatives, "loss.negatives", ("batch", "catalog", "batch+catalog"))
         _check(self.catalog_refresh_every >= 1, "loss.catalog_refresh_every", "must be >= 1")
         _check(self.history_positions >= 0, "loss.history_positions", "must be >= 0")
+        _check(self.history_negatives >= 0, "loss.history_negatives", "must be >= 0")
+        _check(not self.history_negatives or (self.kind == "infonce" and self.negatives != "catalog"),
+               "loss.history_negatives", "needs loss.kind=infonce with in-batch negatives")
+        _check(not self.history_negatives or not (self.mask_false_negatives and self.mask_history),
+               "loss.history_negatives", "needs loss.mask_history=false (the history's items would be masked)")
         _check(self.temperature > 0, "loss.temperature", "must be > 0")
         _check(0 < self.temperature_min <= self.temperature <= self.temperature_max, "loss.temperature_min",
                "need 0 < temperature_min <= temperature <= temperature_max")

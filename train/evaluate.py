@@ -71,14 +71,20 @@ def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
 
 
 def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device: torch.device,
-             split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Model and popularity metrics on `split` (default: eval.split), history excluded and kept."""
+             split: str | None = None, show_progress: bool = True,
+             catalog_tokens: list[list[int]] | None = None) -> dict[str, Any]:
+    """Model and popularity metrics on `split` (default: eval.split), history excluded and kept.
+
+    `catalog_tokens`: every item's prompt tokens when the caller keeps them (training validates
+    often; tokenising a large catalog each time would cost more than encoding it)."""
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
+    if catalog_tokens is None:
+        catalog_tokens = prompts.item_tokens(range(len(prompts.catalog)))
     with eval_mode(encoder):
-        items = encode_sharded(encoder, prompts, prompts.item_tokens(range(len(prompts.catalog))),
-                               config.eval.batch_size, device, "encode catalog", show_progress)
+        items = encode_sharded(encoder, prompts, catalog_tokens, config.eval.batch_size, device, "encode catalog",
+                               show_progress)
         histories = [h[-config.data.max_history:] for h in rows["history"]]
         users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
                                "encode users", show_progress)

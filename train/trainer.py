@@ -94,7 +94,7 @@ class Trainer:
         self.token_items = self.token_items.to(self.dist.device)
         views = config.loss.augment if config.loss.user_cl_weight > 0 else None
         self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
-                                     views=views, seed=config.seed)
+                                     views=views, seed=config.seed, history_negatives=config.loss.history_negatives)
 
     def setup_model(self) -> None:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
@@ -142,7 +142,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
-        if self.config.loss.history_positions > 0:
+        if self.model.objective.history_positions > 0:
             out = dict(zip(("query", "states"), self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"],
                                                                    every_position=True)))
         else:
@@ -159,9 +159,10 @@ class Trainer:
         if "states" in embeddings:
             positions = (embeddings["states"], *next_item_positions(batch["user_input_ids"], batch["user_attention_mask"],
                                                                      self.token_items, batch["item_ids"]))
+        negatives = (batch["negative_ids"], batch["negative_logq"]) if "negative_ids" in batch else None
         return self.model.objective(embeddings["query"], embeddings["item"], batch["item_ids"],
                                     history_ids=batch["history_ids"], logq=batch["logq"], views=views,
-                                    catalog=self.catalog_embeddings, positions=positions)
+                                    catalog=self.catalog_embeddings, positions=positions, negatives=negatives)
 
     def refresh_catalog(self) -> None:
         """Re-encode every item (no grad, sharded over ranks) for a softmax over the whole catalog.
@@ -171,12 +172,16 @@ class Trainer:
         stale = self.catalog_embeddings is None or self.step % self.config.loss.catalog_refresh_every == 0
         if not self.model.objective.needs_catalog or not stale:
             return
-        if self.catalog_tokens is None:
-            self.catalog_tokens = self.prompts.item_tokens(range(len(self.catalog)))
         with eval_mode(self.encoder):
-            self.catalog_embeddings = encode_sharded(self.encoder, self.prompts, self.catalog_tokens,
+            self.catalog_embeddings = encode_sharded(self.encoder, self.prompts, self.item_token_lists(),
                                                      self.config.eval.batch_size, self.dist.device, "encode catalog",
                                                      False).to(self.dist.device)
+
+    def item_token_lists(self) -> list[list[int]]:
+        """Every catalog item's prompt tokens, tokenised once per run (refreshes and validations reuse them)."""
+        if self.catalog_tokens is None:
+            self.catalog_tokens = self.prompts.item_tokens(range(len(self.catalog)))
+        return self.catalog_tokens
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on this rank's part of the global batch; returns the local loss."""
@@ -296,7 +301,7 @@ class Trainer:
     def evaluate(self, split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
         """Full-catalog metrics; every rank computes them (ZeRO-3 needs all ranks in the forward)."""
         return evaluate(self.encoder, self.prompts, self.config, self.dist.device, split,
-                        show_progress and self.dist.is_main)
+                        show_progress and self.dist.is_main, self.item_token_lists())
 
     def state(self) -> dict[str, Any]:
         rng = checkpoint.rng_state()
