@@ -170,3 +170,28 @@ def test_unknown_lora_target_module_names_the_key() -> None:
 def test_partly_unknown_lora_targets_name_only_the_missing_one() -> None:
     with pytest.raises(UserError, match=r"model\.lora\.target_modules: nope not in the backbone"):
         tiny_encoder("model.lora.target_modules=[q_proj, nope]")
+
+
+def test_user_projection_is_a_head_of_its_own(tmp_path) -> None:
+    from train import checkpoint
+
+    encoder = tiny_encoder("model.projection_dim=16", "model.user_projection=true").eval()
+    randomise_lora(encoder)
+    ids, mask = pad(SEQUENCES, PAD_ID, "left")
+    with torch.no_grad():
+        as_item = encoder(ids, mask)
+        as_user, states = encoder(ids, mask, every_position=True, user=True)
+        hidden = encoder.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    assert torch.allclose(as_item, torch.nn.functional.normalize(encoder.projection(hidden[:, -1]), dim=-1), atol=1e-5)
+    assert torch.allclose(as_user, torch.nn.functional.normalize(encoder.user_projection(hidden[:, -1]), dim=-1),
+                          atol=1e-5)
+    assert torch.allclose(states[:, -1], as_user, atol=1e-5)  # every position through the user head too
+    assert not torch.allclose(as_user, as_item, atol=1e-3)
+    # Saved and loaded with the adapter: another encoder gives the same user embeddings.
+    checkpoint.write(tmp_path, encoder, {})
+    other = tiny_encoder("model.projection_dim=16", "model.user_projection=true").eval()
+    checkpoint.load_weights(tmp_path, other)
+    with torch.no_grad():
+        assert torch.allclose(other(ids, mask, user=True), as_user, atol=1e-6)
+    with pytest.raises(UserError, match="model.user_projection: needs model.projection_dim > 0"):
+        tiny_encoder("model.user_projection=true")

@@ -62,7 +62,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                       trainable_token_indices=list(trained_tokens) or None)
     adapted = get_peft_model(backbone, lora)
     hidden = int(getattr(backbone.config, "hidden_size"))
-    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim)
-    if encoder.projection is not None:
-        encoder.projection.to(DTYPES[config.dtype])
+    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection)
+    for head in (encoder.projection, encoder.user_projection):
+        if head is not None:
+            head.to(DTYPES[config.dtype])
     return encoder

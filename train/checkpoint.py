@@ -48,8 +48,11 @@ def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -
     backbone = encoder.backbone
     assert isinstance(backbone, PeftModel)
     backbone.save_pretrained(str(directory / ADAPTER_DIR))
-    if encoder.projection is not None:
-        save_file({"projection.weight": encoder.projection.weight.detach().cpu().contiguous()}, str(directory / HEAD_FILE))
+    heads = {f"{name}.weight": head.weight.detach().cpu().contiguous()
+             for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection))
+             if head is not None}
+    if heads:
+        save_file(heads, str(directory / HEAD_FILE))
     torch.save(trainer_state, directory / STATE_FILE)
 
 
@@ -121,8 +124,12 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
     if unexpected:
         raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
     if encoder.projection is not None:
-        head = load_file(str(path / HEAD_FILE))
-        encoder.projection.weight.data.copy_(head["projection.weight"])
+        heads = load_file(str(path / HEAD_FILE))
+        for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection)):
+            if head is not None:
+                if f"{name}.weight" not in heads:
+                    raise UserError(f"{path}: no {name} head, but model.{name} asks for one")
+                head.weight.data.copy_(heads[f"{name}.weight"])
 
 
 def load_state(path: Path) -> dict[str, Any]:

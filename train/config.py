@@ -169,6 +169,8 @@ class ModelConfig:
     pooling: str = doc("last", "last | mean: how token states become one vector")
     padding_side: str = doc("left", "left | right")
     projection_dim: int = doc(0, "size of a trained linear projection after pooling; 0 = none")
+    user_projection: bool = doc(False, "users get a projection of their own (needs projection_dim): a user need not "
+                                       "look like the items in their history")
     item_tokens: bool = doc(False, "give every catalog item a token of its own ({item_token} in the prompt "
                                    "templates) with a trained embedding: collaborative signal next to the text")
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
@@ -185,6 +187,7 @@ class ModelConfig:
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         _check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
+        _check(not self.user_projection or self.projection_dim > 0, "model.user_projection", "needs model.projection_dim > 0")
         _check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
 
 

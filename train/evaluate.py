@@ -34,14 +34,15 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def encode(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[int]], batch_size: int,
-           device: torch.device, desc: str, show_progress: bool) -> torch.Tensor:
-    """Embeddings of token lists, in their order; batches are formed by length to spare padding."""
+           device: torch.device, desc: str, show_progress: bool, user: bool = False) -> torch.Tensor:
+    """Embeddings of token lists (users' prompts when `user`), in their order; batches are formed
+    by length to spare padding."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: torch.Tensor | None = None
     for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = order[begin:begin + batch_size]
         ids, mask = prompts.pad([token_lists[i] for i in rows])
-        vectors = encoder(ids.to(device), mask.to(device)).float()
+        vectors = encoder(ids.to(device), mask.to(device), user=user).float()
         if out is None:
             out = torch.empty(len(order), vectors.shape[1], device=device)
         out[torch.tensor(rows, device=device)] = vectors
@@ -50,7 +51,7 @@ def encode(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[i
 
 
 def encode_sharded(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[int]], batch_size: int,
-                   device: torch.device, desc: str, show_progress: bool) -> torch.Tensor:
+                   device: torch.device, desc: str, show_progress: bool, user: bool = False) -> torch.Tensor:
     """`encode` with the rows split over the ranks and the embeddings gathered on every rank.
 
     Every rank gets the same number of rows (the last ones repeated), so every rank runs the
@@ -58,10 +59,10 @@ def encode_sharded(encoder: RecEncoder, prompts: PromptEncoder, token_lists: lis
     on a rank that ran one fewer."""
     rank, size = world(None)
     if size == 1:
-        return encode(encoder, prompts, token_lists, batch_size, device, desc, show_progress).cpu()
+        return encode(encoder, prompts, token_lists, batch_size, device, desc, show_progress, user).cpu()
     per_rank = -(-len(token_lists) // size)
     mine = [token_lists[min(i, len(token_lists) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    local = encode(encoder, prompts, mine, batch_size, device, desc, show_progress)
+    local = encode(encoder, prompts, mine, batch_size, device, desc, show_progress, user)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
 
 
@@ -87,7 +88,7 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
                                show_progress)
         histories = [h[-config.data.max_history:] for h in rows["history"]]
         users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
-                               "encode users", show_progress)
+                               "encode users", show_progress, user=True)
     targets = torch.tensor(rows["target"], dtype=torch.long)
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
     metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks))

@@ -144,13 +144,13 @@ class Trainer:
         """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
         if self.model.objective.history_positions > 0:
             out = dict(zip(("query", "states"), self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"],
-                                                                   every_position=True)))
+                                                                   every_position=True, user=True)))
         else:
-            out = {"query": self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"])}
+            out = {"query": self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"], user=True)}
         out["item"] = self.engine.encode(batch["item_input_ids"], batch["item_attention_mask"])
         for view in ("view_a", "view_b"):
             if f"{view}_input_ids" in batch:
-                out[view] = self.engine.encode(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"])
+                out[view] = self.engine.encode(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"], user=True)
         return out
 
     def loss(self, embeddings: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
