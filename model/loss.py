@@ -168,6 +168,22 @@ def user_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, *, tempera
     return (a_to_b + b_to_a) / 2
 
 
+def uniformity_loss(item: torch.Tensor, item_ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """DirectAU's uniformity over the global batch's items: log of the mean of exp(-2 |v_i - v_j|^2)
+    over pairs of different ids. Low when the items spread over the sphere instead of crowding
+    into a cone, where no user can be near an item without being near its neighbours too.
+
+    Every rank computes the same global value; the gather's backward sums the ranks' (equal)
+    gradients for each item and the engine's average divides by the world size once: the
+    one-process gradient.
+    """
+    items = gather_with_grad(item, group)
+    ids = gather_no_grad(item_ids, group)
+    pairs = torch.triu(ids.unsqueeze(0) != ids.unsqueeze(1), diagonal=1)
+    squared = (2 - 2 * items @ items.T).clamp(min=0)  # unit vectors: |a - b|^2 = 2 - 2 a.b
+    return torch.logsumexp(-2 * squared[pairs], dim=0) - torch.log(pairs.sum().clamp(min=1).to(items.dtype))
+
+
 def catalog_loss(query: torch.Tensor, item_ids: torch.Tensor, catalog: torch.Tensor, *,
                  temperature: float | torch.Tensor) -> torch.Tensor:
     """Softmax of each local user over the whole catalog: SASRec's cross-entropy, for text items.

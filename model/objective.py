@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.loss import (Temperature, catalog_loss, contrastive_loss, pairwise_softmax_loss, position_loss,
-                        symmetric_loss, triplet_loss, user_contrastive_loss)
+                        symmetric_loss, triplet_loss, uniformity_loss, user_contrastive_loss)
 
 
 class Objective(nn.Module):
@@ -21,7 +21,7 @@ class Objective(nn.Module):
                  temperature_range: tuple[float, float] = (0.01, 1.0), mask_false_negatives: bool = True,
                  logq: bool = False, triplet_margin: float = 0.2, triplet_negative: str = "hardest",
                  user_cl_weight: float = 0.0, negatives: str = "batch", history_positions: float = 0.0,
-                 mask_history: bool = True) -> None:
+                 mask_history: bool = True, uniformity: float = 0.0) -> None:
         super().__init__()
         self.kind = kind
         self.temperature = Temperature(temperature, learn_temperature, *temperature_range)
@@ -33,6 +33,7 @@ class Objective(nn.Module):
         self.negatives = negatives
         self.history_positions = history_positions
         self.mask_history = mask_history
+        self.uniformity = uniformity
         self.calls = 0  # seeds the random triplet draws; the same on every rank
 
     @property
@@ -63,6 +64,9 @@ class Objective(nn.Module):
             terms.append(catalog_loss(query, item_ids, self._required(catalog), temperature=tau))
         self.calls += 1
         loss = terms[0] if len(terms) == 1 else (terms[0] + terms[1]) / 2
+        if self.uniformity > 0:
+            rows = item_ids.shape[0]  # the positives only: history draws are no sample of the catalog
+            loss = loss + self.uniformity * uniformity_loss(item[:rows], item_ids, group=group)
         if views is not None and self.user_cl_weight > 0:
             loss = loss + self.user_cl_weight * user_contrastive_loss(*views, temperature=tau, group=group)
         if positions is not None and self.history_positions > 0:

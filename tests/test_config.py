@@ -138,6 +138,8 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("loss.negatives=all", "loss.negatives: must be one of batch, catalog, batch+catalog (got 'all')"),
     ("loss.catalog_refresh_every=0", "loss.catalog_refresh_every: must be >= 1"),
     ("loss.history_negatives=-1", "loss.history_negatives: must be >= 0"),
+    ("loss.uniformity=-0.5", "loss.uniformity: must be >= 0"),
+    ("model.user_projection=true", "model.user_projection: needs model.projection_dim > 0"),
     ("loss.history_negatives=2", "loss.history_negatives: needs loss.mask_history=false"),
     (["loss.history_negatives=2", "loss.mask_history=false", "loss.kind=symmetric"],
      "loss.history_negatives: needs loss.kind=infonce with in-batch negatives"),

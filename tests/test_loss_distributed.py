@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from model.loss import (Temperature, candidate_scores, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss,
-                        triplet_loss, user_contrastive_loss)
+                        triplet_loss, uniformity_loss, user_contrastive_loss)
 from multiproc import run_ranks
 from train.backbone import build_encoder
 from train.config_io import load_config
@@ -24,7 +24,7 @@ PLANTED = {(0, 2), (2, 0), (1, 5), (5, 1), (0, 3), (6, 7)}
 # The catalog's embeddings: fixed, the same on every rank (in training, a recent no-grad pass).
 CATALOG = torch.nn.functional.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
 KINDS = ("infonce", "infonce_logq", "infonce_unmasked", "symmetric", "triplet_hardest", "triplet_random",
-         "pairwise", "user_cl", "batch_catalog", "history_positions", "history_negatives")
+         "pairwise", "user_cl", "batch_catalog", "history_positions", "history_negatives", "uniformity")
 # Two negatives per row drawn from its history (repeated when it holds one item). Row 6's 2 is
 # row 7's positive: a false negative for row 7, wherever the two rows live.
 HISTORY_NEGATIVES = torch.tensor([[7, 1], [4, 4], [8, 6], [0, 0], [1, 4], [6, 6], [2, 13], [12, 12]])
@@ -95,6 +95,9 @@ def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch
         positions = next_item_positions(batch["user_ids"], batch["user_mask"], token_items, batch["item_ids"])
         loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
             + position_loss(states, *positions, CATALOG, temperature=tau, group=group)
+    elif kind == "uniformity":  # rows 0 and 2 share item 3: their pair is left out
+        loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
+            + 0.5 * uniformity_loss(item, batch["item_ids"], group=group)
     elif kind == "history_negatives":  # each rank's item block: its positives, then its rows' negatives
         negatives = encoder(batch["negative_tok"].flatten(0, 1), batch["negative_mask"].flatten(0, 1))
         loss = contrastive_loss(query, torch.cat([item, negatives]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from model.augment import MASKED, augment, crop, mask, reorder
 from model.loss import (Temperature, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
-                        user_contrastive_loss)
+                        uniformity_loss, user_contrastive_loss)
 from model.objective import Objective
 
 
@@ -55,6 +56,21 @@ def test_infonce_matches_a_naive_loop() -> None:
         logits = torch.stack([query[i] @ item[j] / 0.2 - logq[j] for j in kept])
         total += float(-torch.log_softmax(logits, 0)[kept.index(i)])
     assert float(got) == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_uniformity_matches_a_naive_loop_and_skips_same_id_pairs() -> None:
+    item = embeddings(6, 9)
+    terms = [math.exp(-2 * float((item[i] - item[j]).pow(2).sum()))
+             for i in range(6) for j in range(i + 1, 6) if ITEM_IDS[i] != ITEM_IDS[j]]
+    assert len(terms) == 14  # 15 pairs less rows 0 and 2 (both item 1)
+    assert float(uniformity_loss(item, ITEM_IDS)) == pytest.approx(math.log(sum(terms) / len(terms)), rel=1e-5)
+    # Spread items score lower than crowded ones.
+    crowded = F.normalize(item * 0.1 + torch.ones(8), dim=-1)
+    assert float(uniformity_loss(crowded, ITEM_IDS)) > float(uniformity_loss(item, ITEM_IDS))
+    objective = Objective("infonce", temperature=0.1, uniformity=0.5)
+    query = embeddings(6, 10)
+    assert torch.allclose(objective(query, item, ITEM_IDS),
+                          contrastive_loss(query, item, ITEM_IDS, temperature=0.1) + 0.5 * uniformity_loss(item, ITEM_IDS))
 
 
 def test_catalog_softmax_matches_a_naive_loop_and_masks_nothing() -> None:

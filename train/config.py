@@ -254,6 +254,8 @@ class LossConfig:
     triplet_margin: float = doc(0.2, "triplet: margin on cosine similarities")
     triplet_negative: str = doc("hardest", "triplet: hardest | random unmasked in-batch negative")
     user_cl_weight: float = doc(0.0, "weight of the user-user contrastive term between two augmented views; 0 = off")
+    uniformity: float = doc(0.0, "weight of DirectAU's uniformity term on the batch's items (spreads them over the "
+                                 "sphere); 0 = off")
     negatives: str = doc("batch", "batch (the global batch's items) | catalog (softmax over every item, embeddings "
                                   "refreshed every catalog_refresh_every steps; catalogs up to ~1e5 items) | "
                                   "batch+catalog (the mean of both)")
@@ -282,6 +284,7 @@ class LossConfig:
                "need 0 < temperature_min <= temperature <= temperature_max")
         _check(self.triplet_margin >= 0, "loss.triplet_margin", "must be >= 0")
         _check(self.user_cl_weight >= 0, "loss.user_cl_weight", "must be >= 0")
+        _check(self.uniformity >= 0, "loss.uniformity", "must be >= 0")
         _check(not (self.logq and self.kind in ("triplet", "pairwise")), "loss.logq",
                f"applies to infonce and symmetric, not {self.kind}")
 

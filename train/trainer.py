@@ -103,7 +103,7 @@ class Trainer:
                                 self.item_token_ids)
         objective = Objective(lc.kind, lc.temperature, lc.learn_temperature, (lc.temperature_min, lc.temperature_max),
                               lc.mask_false_negatives, lc.logq, lc.triplet_margin, lc.triplet_negative, lc.user_cl_weight,
-                              lc.negatives, lc.history_positions, lc.mask_history)
+                              lc.negatives, lc.history_positions, lc.mask_history, lc.uniformity)
         self.model = RecModel(encoder, objective).to(self.dist.device)
         self.encoder = self.model.encoder
 
