@@ -438,8 +438,7 @@ def test_a_second_prepare_of_the_same_dir_waits_for_the_first(write_dataset) -> 
     recipe.write_text("seed: 0\n")
     with exclusive(dataset["dir"]):
         second = subprocess.Popen([sys.executable, "-m", "train.cli", "prepare", str(recipe), *dataset["overrides"]],
-                                  cwd=root,
-                                  stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                  cwd=root, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         assert second.stderr is not None
         first_line = second.stderr.readline()
         assert "waiting for another prepare of" in first_line, first_line

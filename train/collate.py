@@ -156,7 +156,9 @@ class PromptEncoder:
         holds fewer), row after row: negatives that teach the model not to recommend what the
         user already has."""
         out: list[int] = []
-        for history in histories if self.history_negatives else ():
+        if not self.history_negatives:
+            return out
+        for history in histories:
             distinct = list(dict.fromkeys(history))
             drawn = rng.sample(distinct, min(self.history_negatives, len(distinct)))
             out += [drawn[i % len(drawn)] for i in range(self.history_negatives)]
