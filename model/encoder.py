@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.pooling import POOLERS, position_ids
+from model.pooling import POOLERS, last_token, position_ids
+from model.user_tower import UserTower
 
 
 class RecEncoder(nn.Module):
@@ -19,18 +20,26 @@ class RecEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
-                 user_projection: bool = False) -> None:
+                 user_projection: bool = False, user_tower: UserTower | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
         self.projection = nn.Linear(hidden_size, projection_dim, bias=False) if projection_dim else None
         self.user_projection = nn.Linear(hidden_size, projection_dim, bias=False) if user_projection else None
+        self.user_tower = user_tower
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position: bool = False,
-                user: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+                user: bool = False, item_sequence: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[B, D] embeddings; with every_position, also [B, T, D]: each token state made an
         embedding the same way (what a causal backbone knows up to that token). `user`: the
-        prompts are users' (their head, when they have one of their own)."""
+        prompts are users' (their head, when they have one of their own). `item_sequence`
+        [B, T, D]: users as sequences of item embeddings, through the user tower (input_ids unused)."""
+        if item_sequence is not None:
+            assert self.user_tower is not None, "item sequences need model.user_encoder=items"
+            states = self.user_tower(item_sequence, attention_mask)
+            pooled = F.normalize(last_token(states, attention_mask).float(), dim=-1)
+            return (pooled, F.normalize(states.float(), dim=-1)) if every_position else pooled
+        assert input_ids is not None
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False)
         pooled = self.embed(self.pool(output.last_hidden_state, attention_mask), user)

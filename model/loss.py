@@ -249,3 +249,55 @@ class Temperature(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_value.exp().clamp(self.minimum, self.maximum).squeeze(0)
+
+
+def distinct_items(item: torch.Tensor, item_ids: torch.Tensor,
+                   group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch's items for the hierarchical objective: (embeddings [C, D], ids [C], first [C]).
+
+    Each rank brings the distinct items of its own rows ([U, D], U differing by rank); they are
+    padded to the largest U (ids -1) and gathered with their gradients in rank order. An item two
+    ranks both hold appears twice: `first` marks one row per id (its first), the only one that
+    is a candidate, so the softmax is the one a single process would take over the distinct
+    items of the whole batch."""
+    _, size = world(group)
+    if size > 1:
+        rows = torch.tensor([item.shape[0]], device=item.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+        missing = int(rows) - item.shape[0]
+        item = F.pad(item, (0, 0, 0, missing))
+        item_ids = F.pad(item_ids, (0, missing), value=-1)
+    candidates, candidate_ids = gather_with_grad(item, group), gather_no_grad(item_ids, group)
+    sorted_ids, order = torch.sort(candidate_ids, stable=True)
+    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_sorted[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    first = torch.zeros_like(first_sorted)
+    first[order] = first_sorted
+    return candidates, candidate_ids, first & (candidate_ids >= 0)
+
+
+def candidate_columns(ids: torch.Tensor, candidate_ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Column of each of `ids` (any shape) among `distinct_items`' rows: its first row. Ids not
+    among the candidates (padding, -1) get column 0; callers leave those positions out."""
+    columns = first.nonzero().squeeze(1)
+    keys, order = candidate_ids[columns].sort()
+    found = torch.searchsorted(keys, ids.reshape(-1)).clamp(max=len(keys) - 1)
+    return columns[order[found]].view(ids.shape)
+
+
+def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor, *,
+                   temperature: float | torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """SASRec's objective over the global batch: each user state [P, D] (one per history
+    position) against every distinct item of the batch, the next item its positive; the mean over
+    the positions of the *global* batch.
+
+    Nothing else is masked: the items a user already has are negatives like any other, which is
+    how the model learns not to recommend them again. Ranks hold different numbers of
+    positions, so each divides its sum by the global count over the world size (as position_loss)."""
+    logits = _masked(states @ candidates.T / temperature, ~first.unsqueeze(0))
+    total = F.cross_entropy(logits, next_columns, reduction="sum")
+    _, size = world(group)
+    count = torch.tensor([float(len(next_columns))], device=states.device)
+    if size > 1:
+        dist.all_reduce(count, group=group)
+    return total * size / count.clamp(min=1).squeeze(0)

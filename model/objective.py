@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.loss import (Temperature, catalog_loss, contrastive_loss, pairwise_softmax_loss, position_loss,
-                        symmetric_loss, triplet_loss, uniformity_loss, user_contrastive_loss)
+from model.loss import (Temperature, catalog_loss, contrastive_loss, next_item_loss, pairwise_softmax_loss,
+                        position_loss, symmetric_loss, triplet_loss, uniformity_loss, user_contrastive_loss)
 
 
 class Objective(nn.Module):
@@ -73,6 +73,12 @@ class Objective(nn.Module):
             loss = loss + self.history_positions * position_loss(*positions, self._required(catalog), temperature=tau,
                                                                   group=group)
         return loss
+
+    def next_item(self, states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """The hierarchical objective (model.user_encoder=items): model.loss.next_item_loss."""
+        self.calls += 1
+        return next_item_loss(states, next_columns, candidates, first, temperature=self.temperature(), group=group)
 
     def _required(self, catalog: torch.Tensor | None) -> torch.Tensor:
         if catalog is None:

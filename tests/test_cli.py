@@ -45,9 +45,11 @@ def losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def test_train_then_eval_leaves_the_run_directory(tmp_path: Path) -> None:
+# model.user_encoder=items: the re-evaluation must find the same user tower in the checkpoint.
+@pytest.mark.parametrize("extra", [[], ["model.user_encoder=items"]], ids=["text", "items"])
+def test_train_then_eval_leaves_the_run_directory(tmp_path: Path, extra: list[str]) -> None:
     config = write_config(tmp_path, "run", workers=1)
-    done = rectrain("train", str(config), cwd=tmp_path)
+    done = rectrain("train", str(config), *extra, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     assert "popularity" in done.stdout and "recall@10" in done.stdout
@@ -61,12 +63,13 @@ def test_train_then_eval_leaves_the_run_directory(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-8"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-4", "step-8"]
     assert (run / "checkpoints" / "step-8" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "checkpoints" / "step-8" / "user_tower.safetensors").is_file() == bool(extra)
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["counts"]["users"] == 120
 
     (run / "metrics.json").unlink()
-    again = rectrain("eval", str(config), cwd=tmp_path)
+    again = rectrain("eval", str(config), *extra, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     reevaluated = json.loads((run / "metrics.json").read_text())
     for key in ("recall@10", "ndcg@10", "mrr@10"):
@@ -75,8 +78,9 @@ def test_train_then_eval_leaves_the_run_directory(tmp_path: Path) -> None:
 
 # With catalog negatives the checkpoint must carry the catalog embeddings in use: the stop at
 # step 5 falls between refreshes (before steps 1, 4, 7), so re-encoding on resume would differ.
-@pytest.mark.parametrize("extra", [[], ["loss.negatives=batch+catalog", "loss.catalog_refresh_every=3"]],
-                         ids=["batch", "batch+catalog"])
+# With the user tower, its dropout draws must resume where they stopped.
+@pytest.mark.parametrize("extra", [[], ["loss.negatives=batch+catalog", "loss.catalog_refresh_every=3"],
+                                   ["model.user_encoder=items"]], ids=["batch", "batch+catalog", "items"])
 def test_resume_replays_the_uninterrupted_losses(tmp_path: Path, extra: list[str]) -> None:
     whole = write_config(tmp_path, "whole", workers=2)
     assert rectrain("train", str(whole), *extra, cwd=tmp_path).returncode == 0

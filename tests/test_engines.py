@@ -20,7 +20,7 @@ ENGINES = [("ddp", -1), ("accelerate", -1), ("deepspeed", 0), ("deepspeed", 2), 
 
 
 def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra: tuple[str, ...] = ()) -> list[str]:
-    return [f"output_dir={tmp}/run-{engine}{zero_stage}-{world_size}", f"data.dir={tmp}/data", "device=cpu",
+    return [f"output_dir={tmp}/run-{engine}{zero_stage}-{world_size}{len(extra)}", f"data.dir={tmp}/data", "device=cpu",
             f"engine={engine}", f"deepspeed.zero_stage={zero_stage}", "resume=never", "seed=5",
             "data.synthetic={num_users: 60, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
             "data.num_workers=0", "model.tokenizer_vocab_size=200", "model.projection_dim=8",
@@ -31,7 +31,15 @@ def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra:
             f"deepspeed.config={Path(__file__).resolve().parents[1] / 'configs/deepspeed/zero2.json'}", *extra]
 
 
-def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]]) -> dict:
+# The hierarchical encoder, without dropout (ranks draw their own): each rank collates its own
+# rows, as its loader would, since the batch's distinct items cannot be sliced by row.
+ITEMS = ("model.user_encoder=items", "model.user_tower_dropout=0",
+         "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+         "num_attention_heads: 2, num_key_value_heads: 2, attention_dropout: 0.0}")
+
+
+def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]],
+                           extra: tuple[str, ...] = ()) -> dict:
     from train.config_io import load_config
     from train.distributed import from_environment
     from train.stream import read_shard
@@ -39,7 +47,7 @@ def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tupl
 
     out = {}
     for engine, stage in runs:
-        config = load_config(None, tiny_config(Path(tmp), engine, stage, world_size))
+        config = load_config(None, tiny_config(Path(tmp), engine, stage, world_size, extra))
         trainer = Trainer(config, from_environment("cpu"))
         trainer.setup()
         shard = Path(config.data.dir) / trainer.manifest["shards"][0]["name"]
@@ -47,8 +55,11 @@ def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tupl
         per_rank = GLOBAL_BATCH // world_size
         losses = []
         for step in range(STEPS):
-            global_batch = trainer.prompts(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
-            local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in global_batch.items()}
+            if extra == ITEMS:
+                local = trainer.prompts(samples[step * GLOBAL_BATCH + rank * per_rank:][:per_rank])
+            else:
+                global_batch = trainer.prompts(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+                local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in global_batch.items()}
             loss = torch.tensor(trainer.train_step(local))
             if world_size > 1:
                 torch.distributed.all_reduce(loss)
@@ -65,12 +76,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
-def test_engines_at_two_ranks_match_one_rank(workdir: Path) -> None:
-    (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)])
+@pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("deepspeed", 3)])],
+                         ids=["text", "items"])
+def test_engines_at_two_ranks_match_one_rank(workdir: Path, extra: tuple[str, ...], engines: list) -> None:
+    (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)], extra)
     ref_losses, ref_weights = reference["plain-1"]
     assert ref_losses[0] != ref_losses[-1]
-    results = run_ranks(train_on_fixed_batches, 2, str(workdir), ENGINES, timeout=600)
-    for engine, stage in ENGINES:
+    results = run_ranks(train_on_fixed_batches, 2, str(workdir), engines, extra, timeout=600)
+    for engine, stage in engines:
         losses, weights = results[0][f"{engine}{stage}"]
         assert losses == pytest.approx(ref_losses, abs=1e-5), (engine, stage)
         assert set(weights) == set(ref_weights), (engine, stage)

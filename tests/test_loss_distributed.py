@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.loss import (Temperature, candidate_scores, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss,
+from model.loss import (Temperature, candidate_columns, candidate_scores, catalog_loss, contrastive_loss, distinct_items,
+                        next_item_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss,
                         triplet_loss, uniformity_loss, user_contrastive_loss)
+from model.user_tower import UserTower, sequence_inputs
 from multiproc import run_ranks
 from train.backbone import build_encoder
 from train.config_io import load_config
@@ -24,9 +26,13 @@ PLANTED = {(0, 2), (2, 0), (1, 5), (5, 1), (0, 3), (6, 7)}
 # The catalog's embeddings: fixed, the same on every rank (in training, a recent no-grad pass).
 CATALOG = torch.nn.functional.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
 KINDS = ("infonce", "infonce_logq", "infonce_unmasked", "symmetric", "triplet_hardest", "triplet_random",
-         "pairwise", "user_cl", "batch_catalog", "history_positions", "history_negatives", "uniformity")
+         "pairwise", "user_cl", "batch_catalog", "history_positions", "history_negatives", "uniformity",
+         "item_sequences")
 # Two negatives per row drawn from its history (repeated when it holds one item). Row 6's 2 is
 # row 7's positive: a false negative for row 7, wherever the two rows live.
+# The text of catalog items 0-15 (model.user_encoder=items encodes each distinct item once).
+ITEM_TEXT = torch.randint(3, VOCAB, (16, 5), generator=torch.Generator().manual_seed(11))
+ITEM_TEXT_MASK = (torch.arange(5).unsqueeze(0) >= torch.arange(16).remainder(3).unsqueeze(1)).long()
 HISTORY_NEGATIVES = torch.tensor([[7, 1], [4, 4], [8, 6], [0, 0], [1, 4], [6, 6], [2, 13], [12, 12]])
 
 
@@ -65,6 +71,15 @@ def make_encoder() -> torch.nn.Module:
     return encoder
 
 
+def make_tower() -> UserTower:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=1, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    return UserTower(LlamaModel(config), item_dim=16)  # 16 -> 8 -> 16: the tower's own projections too
+
+
 def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of `kind` on batch rows `rows` and the gradients it leaves (before any averaging)."""
     batch = {k: v[rows] for k, v in make_batch().items()}
@@ -98,6 +113,17 @@ def step(kind: str, rows: slice, group: dist.ProcessGroup | None) -> tuple[torch
     elif kind == "uniformity":  # rows 0 and 2 share item 3: their pair is left out
         loss = contrastive_loss(query, item, batch["item_ids"], temperature=tau, **common) \
             + 0.5 * uniformity_loss(item, batch["item_ids"], group=group)
+    elif kind == "item_sequences":  # each rank embeds the distinct items of its rows; items 3, 5, 7, 1, 4, 6... on several ranks
+        encoder.user_tower = make_tower()
+        distinct = sorted(set(batch["item_ids"].tolist()) | {i for i in batch["history_ids"].flatten().tolist() if i >= 0})
+        local = encoder(ITEM_TEXT[distinct], ITEM_TEXT_MASK[distinct])
+        candidates, candidate_ids, first = distinct_items(local, torch.tensor(distinct), group)
+        sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
+        _, states = encoder(None, mask, every_position=True,
+                            item_sequence=candidates[candidate_columns(sequence, candidate_ids, first)])
+        known = next_ids >= 0
+        loss = next_item_loss(states[known], candidate_columns(next_ids[known], candidate_ids, first), candidates, first,
+                              temperature=tau, group=group)
     elif kind == "history_negatives":  # each rank's item block: its positives, then its rows' negatives
         negatives = encoder(batch["negative_tok"].flatten(0, 1), batch["negative_mask"].flatten(0, 1))
         loss = contrastive_loss(query, torch.cat([item, negatives]),

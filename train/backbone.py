@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel
 
 from model.encoder import RecEncoder
+from model.user_tower import UserTower
 from train.config import ModelConfig
 from train.errors import UserError
 
@@ -25,13 +26,19 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                                              **kwargs)
         except OSError as err:
             raise UserError(f"model.name_or_path: cannot load {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
-    arch = dict(config.architecture)
+    return random_model(config.architecture, "model.architecture", config, vocab_size, pad_token_id)
+
+
+def random_model(architecture: dict[str, Any], key: str, config: ModelConfig, vocab_size: int,
+                 pad_token_id: int | None, **special: Any) -> torch.nn.Module:
+    """A randomly initialised transformers base model from a config dict (`key` names it in errors)."""
+    arch = {**special, **architecture}
     model_type = arch.pop("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, vocab_size=vocab_size, pad_token_id=pad_token_id, **arch)
     except (ValueError, TypeError) as err:
-        raise UserError(f"model.architecture: {err}") from None
-    return AutoModel.from_config(hf_config, dtype=dtype, attn_implementation=config.attn_implementation)
+        raise UserError(f"{key}: {err}") from None
+    return AutoModel.from_config(hf_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation)
 
 
 def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int,
@@ -62,8 +69,15 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                       trainable_token_indices=list(trained_tokens) or None)
     adapted = get_peft_model(backbone, lora)
     hidden = int(getattr(backbone.config, "hidden_size"))
-    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection)
-    for head in (encoder.projection, encoder.user_projection):
+    tower = None
+    if config.user_encoder == "items":
+        # Built after the backbone, from the same seed's stream: every rank gets the same tower.
+        # It reads embeddings only; one vocabulary row keeps its unused token table negligible.
+        tower = UserTower(random_model(config.user_tower, "model.user_tower", config, 1, None,
+                                       bos_token_id=None, eos_token_id=None),
+                          config.projection_dim or hidden, config.user_tower_dropout)
+    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower)
+    for head in (encoder.projection, encoder.user_projection, encoder.user_tower):
         if head is not None:
             head.to(DTYPES[config.dtype])
     return encoder

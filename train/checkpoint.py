@@ -1,5 +1,5 @@
 """Checkpoints: `checkpoints/step-<N>/` holding the LoRA adapter (safetensors), the projection
-head, and the trainer state (optimizer, scheduler, RNG, data position).
+head, the user tower (model.user_encoder=items), and the trainer state (optimizer, scheduler, RNG, data position).
 
 Each checkpoint is written under a temporary name and renamed when complete; the `latest`
 pointer is replaced atomically after that, so a crash at any moment leaves either the old or
@@ -26,6 +26,7 @@ from train.errors import UserError
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR, HEAD_FILE, STATE_FILE, LATEST, BEST = "adapter", "head.safetensors", "trainer_state.pt", "latest", "best.json"
+TOWER_FILE = "user_tower.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -44,7 +45,7 @@ def staging(run_dir: Path, step: int) -> Path:
 
 
 def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -> None:
-    """Adapter (peft, safetensors), projection head and trainer state into `directory` (rank 0)."""
+    """Adapter (peft, safetensors), projection head, user tower and trainer state into `directory` (rank 0)."""
     backbone = encoder.backbone
     assert isinstance(backbone, PeftModel)
     backbone.save_pretrained(str(directory / ADAPTER_DIR))
@@ -53,6 +54,9 @@ def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -
              if head is not None}
     if heads:
         save_file(heads, str(directory / HEAD_FILE))
+    if encoder.user_tower is not None:
+        save_file({name: value.detach().cpu().contiguous() for name, value in encoder.user_tower.state_dict().items()},
+                  str(directory / TOWER_FILE))
     torch.save(trainer_state, directory / STATE_FILE)
 
 
@@ -130,6 +134,13 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
                 if f"{name}.weight" not in heads:
                     raise UserError(f"{path}: no {name} head, but model.{name} asks for one")
                 head.weight.data.copy_(heads[f"{name}.weight"])
+    if encoder.user_tower is not None:
+        if not (path / TOWER_FILE).is_file():
+            raise UserError(f"{path}: no user tower, but model.user_encoder=items asks for one")
+        try:
+            encoder.user_tower.load_state_dict(load_file(str(path / TOWER_FILE)))
+        except RuntimeError as err:
+            raise UserError(f"{path}: user tower does not match model.user_tower ({str(err).splitlines()[1].strip()})") from None
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -70,12 +70,23 @@ def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
     return ids, mask
 
 
+def history_tensor(histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Histories as one [B, H] tensor, each row's items first and -1 after."""
+    width = max(len(h) for h in histories)
+    history = torch.full((len(histories), width), -1, dtype=torch.long)
+    for row, h in enumerate(histories):
+        history[row, :len(h)] = torch.tensor(h, dtype=torch.long)
+    return history
+
+
 class PromptEncoder:
     """Renders and tokenizes user and item prompts; one instance serves training and evaluation."""
 
     def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str,
-                 views: AugmentConfig | None = None, seed: int = 0, history_negatives: int = 0) -> None:
+                 views: AugmentConfig | None = None, seed: int = 0, history_negatives: int = 0,
+                 item_sequences: bool = False) -> None:
         self.catalog = catalog
+        self.item_sequences = item_sequences
         self.views = views
         self.seed = seed
         self.history_negatives = history_negatives
@@ -123,22 +134,20 @@ class PromptEncoder:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A training batch: user and item token tensors plus the ids the loss needs."""
         histories = [s["history"] for s in samples]
-        user_ids, user_mask = self.pad(self.user_tokens(histories))
         items = [s["item"] for s in samples]
+        if self.item_sequences:
+            return self._item_sequence_batch(histories, items)
+        user_ids, user_mask = self.pad(self.user_tokens(histories))
         # Seeded by the samples themselves: the same batch gets the same draws whichever worker
         # builds it, so a resumed run replays them exactly.
         keys = "".join(str(s.get("__key__", s["item"])) for s in samples)
         negatives = self._history_negatives(histories, random.Random(zlib.crc32(keys.encode()) ^ self.seed ^ 0x6e6567))
         # One item pass: the positives, then the negatives (model.loss.candidate_scores's layout).
         item_ids, item_mask = self.pad(self.item_tokens(items + negatives))
-        width = max(len(h) for h in histories)
-        history = torch.full((len(samples), width), -1, dtype=torch.long)
-        for row, h in enumerate(histories):
-            history[row, :len(h)] = torch.tensor(h, dtype=torch.long)
         batch = {
             "user_input_ids": user_ids, "user_attention_mask": user_mask,
             "item_input_ids": item_ids, "item_attention_mask": item_mask,
-            "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history,
+            "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history_tensor(histories),
             "logq": torch.tensor([s.get("logq", 0.0) for s in samples], dtype=torch.float32),
         }
         if negatives:
@@ -150,6 +159,16 @@ class PromptEncoder:
                 views = [augment(list(h), rng, self.views.crop, self.views.mask, self.views.reorder) for h in histories]
                 batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = self.pad(self.user_tokens(views))
         return batch
+
+    def _item_sequence_batch(self, histories: list[Sequence[int]], items: list[int]) -> dict[str, torch.Tensor]:
+        """model.user_encoder=items: the distinct items of the batch (histories and targets), each
+        tokenised once (sorted by id, so the batch is the same whichever worker builds it), and
+        the ids the user tower and its loss index them by; no user prompt."""
+        distinct = sorted(set(items).union(*histories))
+        item_ids, item_mask = self.pad(self.item_tokens(distinct))
+        return {"item_input_ids": item_ids, "item_attention_mask": item_mask,
+                "batch_item_ids": torch.tensor(distinct, dtype=torch.long),
+                "item_ids": torch.tensor(items, dtype=torch.long), "history_ids": history_tensor(histories)}
 
     def _history_negatives(self, histories: list[Sequence[int]], rng: random.Random) -> list[int]:
         """`history_negatives` distinct items drawn from each user's history (repeated when it

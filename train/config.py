@@ -173,6 +173,14 @@ class ModelConfig:
                                        "look like the items in their history")
     item_tokens: bool = doc(False, "give every catalog item a token of its own ({item_token} in the prompt "
                                    "templates) with a trained embedding: collaborative signal next to the text")
+    user_encoder: str = doc("text", "text (a user is their history rendered as one prompt through the backbone) | "
+                                    "items (hierarchical: the backbone embeds each item of the batch once, from its "
+                                    "own text, and model.user_tower reads the user's sequence of item embeddings)")
+    user_tower: dict[str, Any] = doc(
+        {"model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "attention_dropout": 0.2, "max_position_embeddings": 1024},
+        "user_encoder=items: transformers config of the user tower (a causal transformer, random and trained in full)")
+    user_tower_dropout: float = doc(0.2, "user_encoder=items: dropout on the item embeddings the user tower reads")
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
@@ -189,6 +197,12 @@ class ModelConfig:
         _check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
         _check(not self.user_projection or self.projection_dim > 0, "model.user_projection", "needs model.projection_dim > 0")
         _check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
+        _one_of(self.user_encoder, "model.user_encoder", ("text", "items"))
+        _check(self.user_encoder == "text" or bool(self.user_tower.get("model_type")), "model.user_tower.model_type",
+               "required with model.user_encoder=items")
+        _check(not (self.user_encoder == "items" and self.user_projection), "model.user_projection",
+               "applies to user_encoder=text (the user tower maps users itself)")
+        _check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -348,3 +362,12 @@ class Config:
         # own token (item_tokens) and the backbone reads left to right (last pooling: a decoder).
         _check(not self.loss.history_positions or (self.model.item_tokens and self.model.pooling == "last"),
                "loss.history_positions", "needs model.item_tokens=true and model.pooling=last")
+        if self.model.user_encoder == "items":
+            # The hierarchical objective is next-item prediction at every position of the user
+            # tower, a softmax over the global batch's distinct items; the in-batch family's
+            # options have nothing to act on there.
+            lc, defaults = self.loss, LossConfig()
+            for key in ("kind", "negatives", "history_positions", "history_negatives", "user_cl_weight", "logq",
+                        "uniformity"):
+                _check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",
+                       f"applies to model.user_encoder=text, not items (leave it at {getattr(defaults, key)!r})")

@@ -44,9 +44,9 @@ class RecModel(nn.Module):
         self.encoder = encoder
         self.objective = objective
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position: bool = False,
-                user: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(input_ids, attention_mask, every_position, user)
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+                user: bool = False, item_sequence: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(input_ids, attention_mask, every_position, user, item_sequence)
 
 
 def init_process_group(dist_state: DistState, timeout_s: int) -> None:
@@ -90,11 +90,12 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=AUTOCAST[self.precision])
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position: bool = False,
-               user: bool = False) -> Any:
-        """The wrapped model's forward: [B, D] embeddings (and [B, T, D] with every_position)."""
+    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+               user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
+        """The wrapped model's forward: [B, D] embeddings (and [B, T, D] with every_position); users
+        from `item_sequence` through the user tower."""
         with self.autocast():
-            return self.wrapped(input_ids, attention_mask, every_position, user)
+            return self.wrapped(input_ids, attention_mask, every_position, user, item_sequence)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -168,9 +169,9 @@ class AccelerateEngine(Engine):
         # The schedule stays ours: Accelerate's wrapper would advance it once per process per step.
         self.wrapped, self.optimizer = self.accelerator.prepare(model, self.optimizer)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position: bool = False,
-               user: bool = False) -> Any:
-        return self.wrapped(input_ids, attention_mask, every_position, user)
+    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+               user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
+        return self.wrapped(input_ids, attention_mask, every_position, user, item_sequence)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -224,9 +225,9 @@ class DeepSpeedEngine(Engine):
             model_parameters=self.trainable(model))
         self.wrapped = self.engine
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_position: bool = False,
-               user: bool = False) -> Any:
-        return self.engine(input_ids, attention_mask, every_position, user)
+    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+               user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
+        return self.engine(input_ids, attention_mask, every_position, user, item_sequence)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from model.encoder import RecEncoder
 from model.gather import gather_no_grad, world
+from model.user_tower import sequence_inputs
+from train.collate import history_tensor
 from train.collate import PromptEncoder
 from train.config import Config
 from train.ranking import rank_in_chunks
@@ -52,18 +54,37 @@ def encode(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[i
 
 def encode_sharded(encoder: RecEncoder, prompts: PromptEncoder, token_lists: list[list[int]], batch_size: int,
                    device: torch.device, desc: str, show_progress: bool, user: bool = False) -> torch.Tensor:
-    """`encode` with the rows split over the ranks and the embeddings gathered on every rank.
-
-    Every rank gets the same number of rows (the last ones repeated), so every rank runs the
-    same number of forward passes: ZeRO-3 gathers weights inside each forward and would hang
-    on a rank that ran one fewer."""
-    rank, size = world(None)
-    if size == 1:
+    """`encode` with the rows split over the ranks (rank_rows) and the embeddings gathered on every rank."""
+    if world(None)[1] == 1:
         return encode(encoder, prompts, token_lists, batch_size, device, desc, show_progress, user).cpu()
-    per_rank = -(-len(token_lists) // size)
-    mine = [token_lists[min(i, len(token_lists) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    mine = [token_lists[i] for i in rank_rows(len(token_lists))]
     local = encode(encoder, prompts, mine, batch_size, device, desc, show_progress, user)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
+
+
+def rank_rows(count: int) -> list[int]:
+    """This rank's share of `count` rows: the same number on every rank (the last row repeated),
+    so every rank runs the same number of forward passes: ZeRO-3 gathers weights inside each
+    forward and would hang on a rank that ran one fewer."""
+    rank, size = world(None)
+    per_rank = -(-count // size)
+    return [min(i, count - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+@torch.no_grad()
+def encode_item_sequences(encoder: RecEncoder, items: torch.Tensor, histories: list[list[int]], batch_size: int,
+                          device: torch.device) -> torch.Tensor:
+    """User embeddings from the user tower over each history's item embeddings (model.user_encoder=items),
+    the rows split over the ranks and gathered on every rank."""
+    rows = rank_rows(len(histories))
+    local = torch.empty(len(rows), items.shape[1], device=device)
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin:begin + batch_size]
+        history = history_tensor([histories[i] for i in chunk])
+        sequence, mask, _ = sequence_inputs(history, torch.zeros(len(chunk), dtype=torch.long))
+        local[begin:begin + len(chunk)] = encoder(None, mask.to(device), user=True,
+                                                  item_sequence=items[sequence].to(device)).float()
+    return gather_no_grad(local.contiguous())[:len(histories)].cpu()
 
 
 def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
@@ -87,8 +108,11 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
         items = encode_sharded(encoder, prompts, catalog_tokens, config.eval.batch_size, device, "encode catalog",
                                show_progress)
         histories = [h[-config.data.max_history:] for h in rows["history"]]
-        users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
-                               "encode users", show_progress, user=True)
+        if encoder.user_tower is not None:
+            users = encode_item_sequences(encoder, items, histories, config.eval.batch_size, device)
+        else:
+            users = encode_sharded(encoder, prompts, prompts.user_tokens(histories), config.eval.batch_size, device,
+                                   "encode users", show_progress, user=True)
     targets = torch.tensor(rows["target"], dtype=torch.long)
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
     metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks))

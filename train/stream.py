@@ -20,6 +20,7 @@ from itertools import count
 from typing import Any
 
 import braceexpand
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -120,5 +121,8 @@ class TrainStream(IterableDataset):
 
 
 def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    # A generator of its own: starting an iterator draws the workers' base seed from it, which
+    # from the global one would shift every later dropout draw of a resumed run (the stream
+    # seeds its shuffling itself).
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0))

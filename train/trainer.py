@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.loss import next_item_positions
+from model.loss import candidate_columns, distinct_items, next_item_positions
 from model.objective import Objective
+from model.user_tower import sequence_inputs
 from train import checkpoint, prepare
 from train.backbone import build_encoder
 from train.collate import Catalog, PromptEncoder, item_token
@@ -94,7 +95,8 @@ class Trainer:
         self.token_items = self.token_items.to(self.dist.device)
         views = config.loss.augment if config.loss.user_cl_weight > 0 else None
         self.prompts = PromptEncoder(self.catalog, self.tokenizer, config.prompt, config.model.padding_side,
-                                     views=views, seed=config.seed, history_negatives=config.loss.history_negatives)
+                                     views=views, seed=config.seed, history_negatives=config.loss.history_negatives,
+                                     item_sequences=config.model.user_encoder == "items")
 
     def setup_model(self) -> None:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
@@ -142,6 +144,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """User, item (and augmented view) embeddings of a batch, with their autograd graphs."""
+        if "batch_item_ids" in batch:
+            return self.embed_item_sequences(batch)
         if self.model.objective.history_positions > 0:
             out = dict(zip(("query", "states"), self.engine.encode(batch["user_input_ids"], batch["user_attention_mask"],
                                                                    every_position=True, user=True)))
@@ -153,7 +157,23 @@ class Trainer:
                 out[view] = self.engine.encode(batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"], user=True)
         return out
 
+    def embed_item_sequences(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """model.user_encoder=items: each distinct item of the batch embedded once, gathered from
+        every rank; users are the user tower over their items' rows of that gathered matrix, so a
+        history item's gradient reaches its one encoding wherever it was encoded."""
+        local = self.engine.encode(batch["item_input_ids"], batch["item_attention_mask"])
+        candidates, candidate_ids, first = distinct_items(local, batch["batch_item_ids"])
+        sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
+        inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
+        _, states = self.engine.encode(None, mask, every_position=True, user=True, item_sequence=inputs)
+        known = next_ids >= 0
+        return {"states": states[known], "next_columns": candidate_columns(next_ids[known], candidate_ids, first),
+                "candidates": candidates, "first": first}
+
     def loss(self, embeddings: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "next_columns" in embeddings:
+            return self.model.objective.next_item(embeddings["states"], embeddings["next_columns"],
+                                                  embeddings["candidates"], embeddings["first"])
         views = (embeddings["view_a"], embeddings["view_b"]) if "view_a" in embeddings else None
         positions = None
         if "states" in embeddings:
@@ -227,7 +247,7 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
                 window["samples"] += len(batch["item_ids"]) * self.dist.world_size
-                window["tokens"] += int(batch["user_attention_mask"].sum() + batch["item_attention_mask"].sum()) \
+                window["tokens"] += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) \
                     * self.dist.world_size
                 window["loss"] += loss
                 window["steps"] += 1

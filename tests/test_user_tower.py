@@ -1,0 +1,112 @@
+"""The hierarchical encoder (model.user_encoder=items): sequences for the user tower, the batch's
+distinct items, the batch the collator builds, a train step, and the config's checks.
+(Its loss at 1, 2 and 4 ranks is proven in test_loss_distributed.py, engines in test_engines.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loss import candidate_columns, distinct_items, next_item_loss
+from model.user_tower import sequence_inputs
+from train.config_io import load_config
+from train.errors import UserError
+
+
+def test_sequence_inputs_left_pad_and_shift_to_the_next_item() -> None:
+    history = torch.tensor([[4, 7, 9], [5, -1, -1], [8, 2, -1]])
+    ids, mask, next_ids = sequence_inputs(history, torch.tensor([1, 6, 3]))
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert (ids * mask).tolist() == [[4, 7, 9], [0, 0, 5], [0, 8, 2]]
+    # after each item, the next; after the newest, the target; padding predicts nothing
+    assert next_ids.tolist() == [[7, 9, 1], [-1, -1, 6], [-1, 2, 3]]
+
+
+def test_distinct_items_mark_one_row_per_id_and_columns_find_it() -> None:
+    ids = torch.tensor([9, 3, 3, -1, 7, 9])
+    embeddings = torch.randn(6, 4, requires_grad=True)
+    candidates, candidate_ids, first = distinct_items(embeddings, ids)
+    assert first.tolist() == [True, True, False, False, True, False]
+    columns = candidate_columns(torch.tensor([[7, 3], [9, 9]]), candidate_ids, first)
+    assert columns.tolist() == [[4, 1], [0, 0]]
+    # a duplicate row takes no part in the softmax: its embedding gets no gradient
+    states = torch.randn(3, 4)
+    next_item_loss(states, torch.tensor([1, 4, 0]), candidates, first, temperature=0.5).backward()
+    assert embeddings.grad is not None
+    assert embeddings.grad[[2, 3, 5]].abs().sum() == 0 and embeddings.grad[[0, 1, 4]].abs().sum() > 0
+
+
+def test_next_item_loss_is_cross_entropy_over_the_distinct_items() -> None:
+    candidates = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
+    first = torch.tensor([True, True, False, True, True])  # row 2 repeats row 1
+    states = torch.nn.functional.normalize(torch.randn(2, 3), dim=-1)
+    loss = next_item_loss(states, torch.tensor([3, 1]), candidates, first, temperature=0.1)
+    expected = 0.0
+    for state, positive in zip(states, (3, 1)):
+        logits = torch.stack([state @ candidates[j] / 0.1 for j in (0, 1, 3, 4)])
+        expected += float(torch.logsumexp(logits, 0) - state @ candidates[positive] / 0.1)
+    assert float(loss) == pytest.approx(expected / 2, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from train.distributed import from_environment
+    from train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("tower")
+    config = load_config(None, [
+        f"output_dir={tmp}/run", f"data.dir={tmp}/data", "device=cpu", "resume=never", "data.num_workers=0",
+        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
+        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
+        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+        "num_attention_heads: 2, num_key_value_heads: 2}",
+        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 2}", "prompt.max_item_tokens=8", "train.batch_size=6", "train.max_steps=2",
+        "train.warmup_steps=0"])
+    trainer = Trainer(config, from_environment("cpu"))
+    trainer.setup()
+    yield trainer
+    trainer.close()
+
+
+def test_the_batch_holds_each_distinct_item_once_and_a_step_trains_the_tower(trainer) -> None:  # type: ignore[no-untyped-def]
+    from train.stream import read_shard
+
+    shard = Path(trainer.config.data.dir) / trainer.manifest["shards"][0]["name"]
+    samples = list(read_shard(str(shard)))[:6]
+    batch = trainer.prompts(samples)
+    assert "user_input_ids" not in batch  # users are never rendered as text here
+    expected = sorted({s["item"] for s in samples} | {i for s in samples for i in s["history"]})
+    assert batch["batch_item_ids"].tolist() == expected
+    assert batch["item_input_ids"].shape[0] == len(expected)
+    one = trainer.prompts.item_tokens([expected[2]])[0]
+    row = batch["item_input_ids"][2][batch["item_attention_mask"][2].bool()]
+    assert row.tolist() == one
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    loss = trainer.train_step(batch)
+    assert loss == loss and loss > 0
+    changed = {n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any(n.startswith("encoder.user_tower.") for n in changed)
+    assert any("lora_B" in n for n in changed)  # the items' encoder learns through the tower's loss
+    assert not trainer.encoder.user_tower.backbone.get_input_embeddings().weight.requires_grad
+
+
+def test_evaluation_ranks_users_from_the_tower(trainer) -> None:  # type: ignore[no-untyped-def]
+    metrics = trainer.evaluate("valid", show_progress=False)
+    assert metrics["users"] == 40 and 0.0 <= metrics["ndcg@10"] <= 1.0
+    assert metrics["with_history"]["ndcg@10"] <= metrics["ndcg@10"] + 1e-9
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.logq=true", "loss.logq"),
+    ("loss.kind=symmetric", "loss.kind"),
+    ("loss.history_positions=1", "loss.history_positions"),
+    ("model.user_tower.model_type=", "model.user_tower.model_type"),
+    ("model.user_tower_dropout=1.5", "model.user_tower_dropout"),
+    ("model.user_encoder=graph", "model.user_encoder"),
+])
+def test_options_of_the_text_encoder_are_refused_with_items(override: str, key: str) -> None:
+    with pytest.raises(UserError, match=f"^{key}"):
+        load_config(None, ["model.user_encoder=items", "model.item_tokens=true", override])
