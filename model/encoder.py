@@ -20,13 +20,14 @@ class RecEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
-                 user_projection: bool = False, user_tower: UserTower | None = None) -> None:
+                 user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
         self.projection = nn.Linear(hidden_size, projection_dim, bias=False) if projection_dim else None
         self.user_projection = nn.Linear(hidden_size, projection_dim, bias=False) if user_projection else None
         self.user_tower = user_tower
+        self.normalize = normalize
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +38,8 @@ class RecEncoder(nn.Module):
         if item_sequence is not None:
             assert self.user_tower is not None, "item sequences need model.user_encoder=items"
             states = self.user_tower(item_sequence, attention_mask)
-            pooled = F.normalize(last_token(states, attention_mask).float(), dim=-1)
-            return (pooled, F.normalize(states.float(), dim=-1)) if every_position else pooled
+            pooled = self.unit(last_token(states, attention_mask))
+            return (pooled, self.unit(states)) if every_position else pooled
         assert input_ids is not None
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False)
@@ -51,5 +52,9 @@ class RecEncoder(nn.Module):
         head = self.user_projection if user and self.user_projection is not None else self.projection
         if head is not None:
             states = head(states.to(head.weight.dtype))
-        # Normalise in float32: cosine scores divided by a small temperature amplify bf16 error.
-        return F.normalize(states.float(), dim=-1)
+        return self.unit(states)
+
+    def unit(self, vectors: torch.Tensor) -> torch.Tensor:
+        """L2-normalised (or, with normalize=False, raw: SASRec's inner products) float32 vectors.
+        Float32: cosine scores divided by a small temperature amplify bf16 error."""
+        return F.normalize(vectors.float(), dim=-1) if self.normalize else vectors.float()

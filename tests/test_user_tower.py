@@ -110,3 +110,20 @@ def test_evaluation_ranks_users_from_the_tower(trainer) -> None:  # type: ignore
 def test_options_of_the_text_encoder_are_refused_with_items(override: str, key: str) -> None:
     with pytest.raises(UserError, match=f"^{key}"):
         load_config(None, ["model.user_encoder=items", "model.item_tokens=true", override])
+
+
+def test_raw_inner_products_keep_the_lengths() -> None:
+    from train.backbone import build_encoder
+
+    ids, mask = torch.randint(3, 60, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    lengths = {}
+    for normalize in (True, False):
+        config = load_config(None, ["model.architecture={model_type: llama, hidden_size: 16, intermediate_size: 32, "
+                                    "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
+                                    "model.projection_dim=8", "model.user_encoder=items", f"model.normalize={normalize}"])
+        encoder = build_encoder(config.model, 64, 0, seed=0).eval()
+        items = encoder(ids, mask)
+        users = encoder(None, mask[:, :3], item_sequence=items[:3].unsqueeze(0).expand(4, 3, 8))
+        lengths[normalize] = torch.cat([items, users]).norm(dim=-1)
+    assert torch.allclose(lengths[True], torch.ones(8))
+    assert not torch.allclose(lengths[False], torch.ones(8), atol=0.05)

@@ -76,7 +76,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         tower = UserTower(random_model(config.user_tower, "model.user_tower", config, 1, None,
                                        bos_token_id=None, eos_token_id=None),
                           config.projection_dim or hidden, config.user_tower_dropout)
-    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower)
+    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
+                         config.normalize)
     for head in (encoder.projection, encoder.user_projection, encoder.user_tower):
         if head is not None:
             head.to(DTYPES[config.dtype])

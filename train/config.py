@@ -180,6 +180,9 @@ class ModelConfig:
         {"model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 2, "attention_dropout": 0.2, "max_position_embeddings": 1024},
         "user_encoder=items: transformers config of the user tower (a causal transformer, random and trained in full)")
+    normalize: bool = doc(True, "L2-normalise user and item embeddings (cosine scores over loss.temperature); false: "
+                                "raw inner products, whose lengths are free to say how likely an item is at all "
+                                "(SASRec's; then loss.temperature=1 is the natural scale)")
     user_tower_dropout: float = doc(0.2, "user_encoder=items: dropout on the item embeddings the user tower reads")
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")

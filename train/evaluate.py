@@ -17,8 +17,7 @@ from tqdm import tqdm
 from model.encoder import RecEncoder
 from model.gather import gather_no_grad, world
 from model.user_tower import sequence_inputs
-from train.collate import history_tensor
-from train.collate import PromptEncoder
+from train.collate import PromptEncoder, history_tensor
 from train.config import Config
 from train.ranking import rank_in_chunks
 
