@@ -294,3 +294,11 @@ def test_cli_reports_a_config_error_on_one_line(tmp_path: Path, capsys: pytest.C
     captured = capsys.readouterr()
     assert captured.err == "rectrain: error: train.batch_size: must be >= 2 (in-batch negatives need a batch)\n"
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_recipe_loads_and_says_how_to_run_it(recipe: Path) -> None:
+    assert recipe.read_text().startswith("# "), "a recipe starts with a comment giving its launch command"
+    config = load_config(recipe, [])
+    assert config.output_dir.startswith("runs/")

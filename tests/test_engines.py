@@ -76,7 +76,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
-@pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("deepspeed", 3)])],
+@pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("accelerate", -1), ("deepspeed", 3)])],
                          ids=["text", "items"])
 def test_engines_at_two_ranks_match_one_rank(workdir: Path, extra: tuple[str, ...], engines: list) -> None:
     (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)], extra)
