@@ -226,12 +226,18 @@ def position_loss(states: torch.Tensor, rows: torch.Tensor, columns: torch.Tenso
     over the world size: the mean of the ranks' losses is then the one-process mean.
     """
     logits = states[rows, columns] @ catalog.to(states.dtype).T / temperature
-    total = F.cross_entropy(logits, next_items, reduction="sum")
+    return global_mean(F.cross_entropy(logits, next_items, reduction="sum"), len(rows), group)
+
+
+def global_mean(total: torch.Tensor, count: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's `total` over `count` terms, divided by the global count over the world size:
+    when ranks hold different numbers of terms, the mean of the ranks' results is then the
+    one-process mean."""
     _, size = world(group)
-    count = torch.tensor([float(len(rows))], device=states.device)
+    counts = torch.tensor([float(count)], device=total.device)
     if size > 1:
-        dist.all_reduce(count, group=group)
-    return total * size / count.clamp(min=1).squeeze(0)
+        dist.all_reduce(counts, group=group)
+    return total * size / counts.clamp(min=1).squeeze(0)
 
 
 class Temperature(nn.Module):
@@ -293,11 +299,6 @@ def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates:
 
     Nothing else is masked: the items a user already has are negatives like any other, which is
     how the model learns not to recommend them again. Ranks hold different numbers of
-    positions, so each divides its sum by the global count over the world size (as position_loss)."""
+    positions, so the mean is taken by global_mean."""
     logits = _masked(states @ candidates.T / temperature, ~first.unsqueeze(0))
-    total = F.cross_entropy(logits, next_columns, reduction="sum")
-    _, size = world(group)
-    count = torch.tensor([float(len(next_columns))], device=states.device)
-    if size > 1:
-        dist.all_reduce(count, group=group)
-    return total * size / count.clamp(min=1).squeeze(0)
+    return global_mean(F.cross_entropy(logits, next_columns, reduction="sum"), len(next_columns), group)
