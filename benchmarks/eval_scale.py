@@ -1,11 +1,15 @@
 """Full-catalog ranking at scale: 10k users against a 1M-item catalog, history excluded.
 
     python benchmarks/eval_scale.py [--items 1000000] [--users 10000] [--dim 64] [--history 50]
+                                    [--transitions]
 
 Random unit embeddings stand in for the encoder's (encoding a million item texts is the
 encoder's cost, measured by the throughput benchmarks); this measures what evaluation adds on
 top: scoring every item for every user in blocks, excluding each user's history, and turning
 target ranks into Recall/NDCG/MRR/HR@K, without ever holding a users x items matrix.
+With --transitions, the ranking is the fused one (eval.transitions): the item-to-item counts
+of the users' histories are built (as from the training sequences) and added to the scores of
+each user's recent items' successors; the count time is printed apart.
 Prints wall time, peak memory (RSS) and the block sizes.
 """
 
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.ranking import rank_in_chunks  # noqa: E402
+from train.config import TransitionSettings  # noqa: E402
+from train.ranking import Bonus, rank_in_chunks  # noqa: E402
+from train.transitions import count_transitions, user_prior  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +39,8 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=50, help="history items excluded per user")
     parser.add_argument("--user-chunk", type=int, default=1024)
     parser.add_argument("--item-chunk", type=int, default=32768)
+    parser.add_argument("--transitions", action="store_true", help="fuse the transition prior (eval.transitions "
+                                                                    "defaults, weight 0.1)")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     items = F.normalize(torch.randn(args.items, args.dim, generator=generator), dim=-1)
@@ -41,13 +49,26 @@ def main() -> None:
     users = F.normalize(items[targets] + 1.2 * torch.randn(args.users, args.dim, generator=generator), dim=-1)
     histories = torch.randint(0, args.items, (args.users, args.history), generator=generator).tolist()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bonus: Bonus | None = None
+    if args.transitions:
+        started = time.perf_counter()
+        settings = TransitionSettings(weight=0.1)
+        counted = count_transitions(histories, args.items, settings.window, settings.max_successors)
+        counts = torch.bincount(torch.tensor(histories).flatten(), minlength=args.items)
+
+        def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return user_prior(counted, histories[begin:end], counts, settings.weight, settings.recent, settings.decay,
+                              settings.popularity_power)
+        print(f"transitions counted in {time.perf_counter() - started:.1f} s: {len(counted.successors):,} "
+              f"(item, successor) pairs from {args.users * args.history:,} history items")
     started = time.perf_counter()
     metrics = rank_in_chunks(users, items, targets, histories, [10, 50], user_chunk=args.user_chunk,
-                             item_chunk=args.item_chunk)
+                             item_chunk=args.item_chunk, bonus=bonus)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"command: python benchmarks/eval_scale.py --items {args.items} --users {args.users} --dim {args.dim} "
-          f"--history {args.history} --user-chunk {args.user_chunk} --item-chunk {args.item_chunk}")
+          f"--history {args.history} --user-chunk {args.user_chunk} --item-chunk {args.item_chunk}"
+          f"{' --transitions' if args.transitions else ''}")
     print(f"{args.users:,} users x {args.items:,} items, dim {args.dim}, {args.history} history items excluded per user, "
           f"torch threads {torch.get_num_threads()}")
     print(f"ranking time {seconds:.1f} s ({args.users / seconds:,.0f} users/s)")

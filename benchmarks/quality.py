@@ -57,18 +57,30 @@ def main() -> None:
     print(f"wall time {wall / 60:.1f} min for {len(results)} run(s); {first['split']} split, {first['users']} users; "
           f"checkpoints {', '.join(str(m.get('checkpoint', 'last')) for _, m in results)}")
     print(f"{'':<40}" + "".join(f"{k:>11}" for k in keys))
+    # With eval.transitions the ranking is fused: each part alone is printed under it.
+    parts = [name for name in ("encoder", "transitions") if name in first]
+
+    def with_parts(seed: int, metrics: dict, kept: bool) -> list[tuple[str, dict]]:
+        pick = (lambda block: block["with_history"]) if kept else (lambda block: block)
+        suffix = "kept" if kept else "excluded"
+        return [(f"rectrain seed {seed}, history {suffix}", pick(metrics)),
+                *((f"  {name} alone", pick(metrics[name])) for name in parts)]
+
     rows = [("popularity, history excluded", first["popularity"]),
-            *((f"rectrain seed {seed}, history excluded", m) for seed, m in results),
+            *(row for seed, m in results for row in with_parts(seed, m, kept=False)),
             ("popularity, history kept", first["with_history"]["popularity"]),
             ("SASRec (RecBole), history kept", SASREC),
-            *((f"rectrain seed {seed}, history kept", m["with_history"]) for seed, m in results)]
+            *(row for seed, m in results for row in with_parts(seed, m, kept=True))]
+    kept = {k: sum(m["with_history"][k] for _, m in results) / len(results) for k in keys}
     if len(results) > 1:
-        rows.append(("rectrain mean, history kept",
-                     {k: sum(m["with_history"][k] for _, m in results) / len(results) for k in keys}))
+        rows.append(("rectrain mean, history kept", kept))
     for label, block in rows:
         print(f"{label:<40}" + "".join(f"{block[k]:>11.4f}" for k in keys))
-    ratio = rows[-1][1]["ndcg@10"] / SASREC["ndcg@10"]
+    ratio = kept["ndcg@10"] / SASREC["ndcg@10"]
     print(f"rectrain / SASRec NDCG@10 (history kept{', mean' if len(results) > 1 else ''}): {ratio:.2f}x (the bar: 1.2x)")
+    for name in parts:
+        alone = sum(m[name]["with_history"]["ndcg@10"] for _, m in results) / len(results)
+        print(f"  {name} alone / SASRec: {alone / SASREC['ndcg@10']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -137,3 +137,45 @@ def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path, chos
         assert {"recall@5", "ndcg@5", "mrr@5", "hr@5", "recall@10", "ndcg@10", "mrr@10", "hr@10"} <= set(block)
     # keeping the history in the ranking can only push targets down
     assert metrics["with_history"]["popularity"]["recall@10"] <= metrics["popularity"]["recall@10"]
+
+
+def test_transition_prior_is_fused_and_reported_beside_its_parts(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "fused")
+    prior = ["eval.transitions.weight=1.0", "eval.transitions.window=2", "eval.transitions.recent=3"]
+    done = rectrain("train", str(config), "train.eval_every=4", *prior, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoder alone" in done.stdout and "transitions alone, history kept" in done.stdout
+    run = tmp_path / "fused"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validated = [row for row in rows if "valid/ndcg@10" in row]
+    assert [row["step"] for row in validated] == [4, 8]
+    assert all({"valid/encoder/ndcg@10", "valid/transitions/with_history/ndcg@10"} <= set(row) for row in validated)
+    fused = json.loads((run / "metrics.json").read_text())
+    assert fused["checkpoint"] == json.loads((run / "checkpoints" / "best.json").read_text())["checkpoint"]
+
+    # The encoder part is what the same checkpoint ranks without the prior.
+    plain = rectrain("eval", str(config), f"resume={run / 'checkpoints' / fused['checkpoint']}",
+                     "eval.transitions.weight=0", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    alone = json.loads((run / "metrics.json").read_text())
+    assert "encoder" not in alone and "transitions" not in alone
+    for key in ("recall@10", "ndcg@10", "mrr@10"):
+        assert fused["encoder"][key] == pytest.approx(alone[key], abs=1e-9)
+        assert fused["encoder"]["with_history"][key] == pytest.approx(alone["with_history"][key], abs=1e-9)
+
+    # The transitions part is the prior counted from the training sequences (the validation
+    # split's histories: the test targets never count), ranked on its own.
+    import pyarrow.parquet as pq
+    import torch
+
+    from train.ranking import metric_sums, target_ranks
+    from train.transitions import count_transitions, user_prior
+    valid, test = (pq.read_table(tmp_path / "data" / "splits" / f"{s}.parquet").to_pydict() for s in ("valid", "test"))
+    counts = torch.from_numpy(pq.read_table(tmp_path / "data" / "catalog.parquet").column("train_count").to_numpy().copy())
+    transitions = count_transitions(valid["history"], len(counts), window=2, max_successors=200)
+    rows_, items, values = user_prior(transitions, test["history"], counts, 1.0, 3, 0.7, 0.3)
+    dense = torch.zeros(len(test["target"]), len(counts))
+    dense[rows_, items] = values
+    ranks = target_ranks(dense, torch.tensor(test["target"]))
+    for key, total in metric_sums(ranks, [10]).items():
+        assert fused["transitions"]["with_history"][key] == pytest.approx(total / len(ranks), abs=1e-9)

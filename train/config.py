@@ -307,6 +307,26 @@ class LossConfig:
 
 
 @dataclass
+class TransitionSettings:
+    """The log's item-to-item transitions added to the encoder's scores at ranking (train/transitions.py)."""
+
+    weight: float = doc(0.0, "weight of log(1 + transition score) added to the encoder's score (cosine units when "
+                             "model.normalize); 0 = off")
+    window: int = doc(5, "an item counts as following another up to this many steps later, with weight 1/steps")
+    recent: int = doc(5, "the user's most recent items whose successors are scored")
+    decay: float = doc(0.7, "weight of the k-th most recent of them (0 = the last): decay**k")
+    popularity_power: float = doc(0.2, "transition scores divided by (the item's training count + 1)**power")
+    max_successors: int = doc(200, "successors kept per item, the most frequent (bounds memory at catalog scale)")
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "eval.transitions.weight", "must be >= 0")
+        for name in ("window", "recent", "max_successors"):
+            _check(getattr(self, name) >= 1, f"eval.transitions.{name}", "must be >= 1")
+        _check(0 < self.decay <= 1, "eval.transitions.decay", "must be in (0, 1]")
+        _check(self.popularity_power >= 0, "eval.transitions.popularity_power", "must be >= 0")
+
+
+@dataclass
 class EvalConfig:
     """Full-catalog ranking of held-out users."""
 
@@ -316,6 +336,8 @@ class EvalConfig:
     best_metric: str = doc("", "validation metric picking the best checkpoint: recall|ndcg|mrr|hr@K with history "
                                "excluded, with_history/<metric>@K with it kept; empty = ndcg@<first k>")
     use_best: bool = doc(True, "evaluate the best validated checkpoint at the end (when train.eval_every > 0)")
+    transitions: TransitionSettings = doc(TransitionSettings(), "item-to-item transition prior fused into the "
+                                                                "ranking (off unless weight > 0)")
 
     def __post_init__(self) -> None:
         _one_of(self.split, "eval.split", ("valid", "test"))

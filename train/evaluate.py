@@ -1,6 +1,8 @@
 """Evaluation: encode the catalog and held-out users (sharded over ranks), rank every item,
 report metrics with the user's history excluded (top level) and kept (`with_history`, the way
-RecBole-style numbers are reported)."""
+RecBole-style numbers are reported). With eval.transitions.weight > 0 the ranking is the fused
+one (encoder + the log's transitions, train/transitions.py), and each part alone is reported
+beside it (`encoder`, `transitions`)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from model.user_tower import sequence_inputs
 from train.collate import PromptEncoder, history_tensor
 from train.config import Config
 from train.ranking import rank_in_chunks
+from train.transitions import Transitions, count_transitions, user_prior
 
 
 @contextmanager
@@ -91,13 +94,22 @@ def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
+def training_transitions(config: Config, num_items: int) -> Transitions:
+    """The transition counts of the training sequences: the validation split's histories, which
+    hold every user's sequence up to (not including) the validation target."""
+    settings = config.eval.transitions
+    return count_transitions(load_split(config.data.dir, "valid")["history"], num_items, settings.window,
+                             settings.max_successors)
+
+
 def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device: torch.device,
              split: str | None = None, show_progress: bool = True,
-             catalog_tokens: list[list[int]] | None = None) -> dict[str, Any]:
+             catalog_tokens: list[list[int]] | None = None, transitions: Transitions | None = None) -> dict[str, Any]:
     """Model and popularity metrics on `split` (default: eval.split), history excluded and kept.
 
     `catalog_tokens`: every item's prompt tokens when the caller keeps them (training validates
-    often; tokenising a large catalog each time would cost more than encoding it)."""
+    often; tokenising a large catalog each time would cost more than encoding it). `transitions`:
+    the training transition counts when the caller keeps them (built here otherwise)."""
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
@@ -114,10 +126,26 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
                                    "encode users", show_progress, user=True)
     targets = torch.tensor(rows["target"], dtype=torch.long)
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
-    metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks))
+    settings = config.eval.transitions
+    bonus = None
+    if settings.weight > 0:
+        counted = transitions or training_transitions(config, len(prompts.catalog))
+        train_counts = prompts.catalog.train_counts()
+
+        def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return user_prior(counted, rows["history"][begin:end], train_counts, settings.weight, settings.recent,
+                              settings.decay, settings.popularity_power)
+    metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks, bonus=bonus))
     metrics["popularity"] = popularity(prompts, targets, rows["history"], ks)
-    metrics["with_history"] = rank_in_chunks(users, items, targets, None, ks)
+    metrics["with_history"] = rank_in_chunks(users, items, targets, None, ks, bonus=bonus)
     metrics["with_history"]["popularity"] = popularity(prompts, targets, None, ks)
+    if bonus is not None:  # each part alone, so a fused figure can be read against its parts
+        metrics["encoder"] = {**rank_in_chunks(users, items, targets, rows["history"], ks),
+                              "with_history": rank_in_chunks(users, items, targets, None, ks)}
+        nothing_users, nothing_items = torch.zeros(len(targets), 1), torch.zeros(len(items), 1)
+        metrics["transitions"] = {
+            **rank_in_chunks(nothing_users, nothing_items, targets, rows["history"], ks, bonus=bonus),
+            "with_history": rank_in_chunks(nothing_users, nothing_items, targets, None, ks, bonus=bonus)}
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return metrics
@@ -131,12 +159,16 @@ def popularity(prompts: PromptEncoder, targets: torch.Tensor, exclude: list[list
 
 
 def format_table(metrics: dict[str, Any], ks: list[int]) -> str:
-    """A small text table: rectrain beside popularity, history excluded and kept."""
+    """A small text table: rectrain beside popularity (and its parts, when the ranking is fused),
+    history excluded and kept."""
     keys = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
     header = f"{metrics['split']} ({metrics['users']} users)"
-    lines = [f"{header:<32}" + "".join(f"{k:>12}" for k in keys)]
-    for label, source in (("rectrain", metrics), ("popularity", metrics["popularity"]),
-                          ("rectrain, history kept", metrics["with_history"]),
-                          ("popularity, history kept", metrics["with_history"]["popularity"])):
-        lines.append(f"{label:<32}" + "".join(f"{source[k]:>12.4f}" for k in keys))
+    lines = [f"{header:<36}" + "".join(f"{k:>12}" for k in keys)]
+    parts = [(name, metrics[name]) for name in ("encoder", "transitions") if name in metrics]
+    rows = [("rectrain", metrics), *((f"  {name} alone", part) for name, part in parts),
+            ("popularity", metrics["popularity"]), ("rectrain, history kept", metrics["with_history"]),
+            *((f"  {name} alone, history kept", part["with_history"]) for name, part in parts),
+            ("popularity, history kept", metrics["with_history"]["popularity"])]
+    for label, source in rows:
+        lines.append(f"{label:<36}" + "".join(f"{source[k]:>12.4f}" for k in keys))
     return "\n".join(lines)

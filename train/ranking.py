@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 METRICS = ("recall", "ndcg", "mrr", "hr")
+
+# (begin, end) -> (rows from 0, items, values): extra scores of a chunk of users.
+Bonus = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
@@ -45,12 +48,16 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
 
 def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
                    exclude: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
-                   item_chunk: int = 32768) -> dict[str, float]:
+                   item_chunk: int = 32768,
+                   bonus: Bonus | None = None) -> dict[str, float]:
     """Mean metrics of inner-product ranking over the whole catalog.
 
     Only each target's rank is needed, and it is a count (items scoring above the target), so
     the catalog is scored in blocks of `user_chunk` x `item_chunk` and the counts added up:
-    memory stays at one block whatever the catalog and user counts.
+    memory stays at one block whatever the catalog and user counts. `bonus(begin, end)`: sparse
+    (row, item, value) added to the scores of users begin..end-1 (the transition prior), rows
+    counted from 0 at `begin`, one entry per (row, item); built a chunk at a time, so its memory
+    is bounded too.
     """
     totals: dict[str, float] = {}
     n_items = item_embeddings.shape[0]
@@ -59,11 +66,19 @@ def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor,
         chunk_targets = targets[begin:begin + user_chunk]
         rows = torch.arange(len(chunk_targets))
         target_scores = (queries * item_embeddings[chunk_targets]).sum(dim=-1)
+        extra = bonus(begin, begin + len(chunk_targets)) if bonus is not None else None
+        if extra is not None:
+            on_target = extra[1] == chunk_targets[extra[0]]
+            target_scores = target_scores.index_add(0, extra[0][on_target], extra[2][on_target].to(target_scores.dtype))
         pairs = _exclusion_pairs(exclude[begin:begin + user_chunk], chunk_targets) if exclude is not None else None
         ahead = torch.zeros(len(chunk_targets), dtype=torch.long)
         for low in range(0, n_items, item_chunk):
             high = min(low + item_chunk, n_items)
             scores = queries @ item_embeddings[low:high].T
+            if extra is not None:
+                inside = (extra[1] >= low) & (extra[1] < high)
+                scores.index_put_((extra[0][inside], extra[1][inside] - low), extra[2][inside].to(scores.dtype),
+                                  accumulate=True)
             if pairs is not None:
                 inside = (pairs[1] >= low) & (pairs[1] < high)
                 scores[pairs[0][inside], pairs[1][inside] - low] = float("-inf")

@@ -32,13 +32,26 @@ from train.config import Config
 from train.config_io import save_config
 from train.distributed import DistState
 from train.engines import Engine, RecModel, choose, init_process_group
-from train.evaluate import encode_sharded, eval_mode, evaluate, format_table
+from train.evaluate import encode_sharded, eval_mode, evaluate, format_table, training_transitions
 from train.stream import TrainStream, expand_urls, make_loader
 from train.tokenizer import load_or_build
+from train.transitions import Transitions
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`with_history/ndcg@10`-style keys for the nested metric blocks (popularity and the split name left out)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            if key != "popularity":
+                flat.update(flatten_metrics(value, f"{prefix}{key}/"))
+        elif key != "split":
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -63,6 +76,7 @@ class Trainer:
         self.batches_consumed = 0
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
+        self.transitions: Transitions | None = None  # counted at the first evaluation, kept for the later ones
         self.catalog_tokens: list[list[int]] | None = None
         self.stop_signal: int | None = None
         self.previous_handlers: dict[int, Any] = {}
@@ -282,8 +296,7 @@ class Trainer:
         """Validation metrics, logged to metrics.jsonl; checkpoints this step and names it the best
         when eval.best_metric improved."""
         valid = self.evaluate("valid", show_progress=False)
-        flat = {k: v for k, v in valid.items() if k not in ("popularity", "with_history", "split")}
-        flat.update({f"with_history/{k}": v for k, v in valid["with_history"].items() if k != "popularity"})
+        flat = flatten_metrics(valid)
         metric = self.config.eval.best_metric
         if self.dist.is_main:
             with (self.run_dir / "metrics.jsonl").open("a") as handle:
@@ -320,8 +333,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, state
     def evaluate(self, split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
         """Full-catalog metrics; every rank computes them (ZeRO-3 needs all ranks in the forward)."""
+        if self.config.eval.transitions.weight > 0 and self.transitions is None:
+            self.transitions = training_transitions(self.config, len(self.prompts.catalog))
         return evaluate(self.encoder, self.prompts, self.config, self.dist.device, split,
-                        show_progress and self.dist.is_main, self.item_token_lists())
+                        show_progress and self.dist.is_main, self.item_token_lists(), self.transitions)
 
     def state(self) -> dict[str, Any]:
         rng = checkpoint.rng_state()
