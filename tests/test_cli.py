@@ -141,7 +141,10 @@ def test_validation_keeps_and_evaluates_the_best_checkpoint(tmp_path: Path, chos
 
 def test_transition_prior_is_fused_and_reported_beside_its_parts(tmp_path: Path) -> None:
     config = write_config(tmp_path, "fused")
-    prior = ["eval.transitions.weight=1.0", "eval.transitions.window=2", "eval.transitions.recent=3"]
+    # Every setting named, so the reference below does not lean on the defaults.
+    prior = ["eval.transitions.weight=1.0", "eval.transitions.window=2", "eval.transitions.recent=3",
+             "eval.transitions.decay=0.7", "eval.transitions.popularity_power=0.3",
+             "eval.transitions.max_successors=200"]
     done = rectrain("train", str(config), "train.eval_every=4", *prior, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "encoder alone" in done.stdout and "transitions alone, history kept" in done.stdout
