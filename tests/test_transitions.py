@@ -11,7 +11,7 @@ import torch
 
 from train.config_io import load_config
 from train.errors import UserError
-from train.ranking import Bonus, metric_sums, rank_in_chunks, target_ranks
+from train.ranking import Bonus, metric_sums, rank_catalog, rank_in_chunks, target_ranks
 from train.transitions import Transitions, count_transitions, user_prior
 
 
@@ -144,6 +144,39 @@ def test_fused_ranking_equals_the_dense_sum(chunk: int, item_chunk: int, exclude
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-12), key
     assert got != rank_in_chunks(users, items, targets, exclude, [1, 2, 5])  # the bonus changed some rank
+
+
+@pytest.mark.parametrize("chunk, item_chunk", [(1, 1), (2, 4), (5, 7), (3, 2)])
+def test_one_pass_ranks_every_part_as_the_dense_scores_do(chunk: int, item_chunk: int) -> None:
+    # rank_catalog(parts=True) ranks the fused scores, the encoder's and the prior's, each with
+    # history excluded and kept, from one product per block; each must equal its own dense
+    # ranking. Histories repeat an item (subtracted once) and hold their own target (kept).
+    generator = torch.Generator().manual_seed(3)
+    users, items = torch.randn(5, 3, generator=generator), torch.randn(7, 3, generator=generator)
+    targets = torch.tensor([4, 1, 0, 3, 6])
+    histories = [[1, 5, 1], [0, 2], [], [3, 2, 6], [6, 0, 0, 5]]
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    cols = torch.tensor([4, 5, 0, 0, 1, 5, 3, 2, 6])
+    values = torch.rand(9, generator=generator) * 2
+    got = rank_catalog(users, items, targets, histories, [1, 2, 5], user_chunk=chunk, item_chunk=item_chunk,
+                       bonus=sparse(rows, cols, values), parts=True)
+    prior = torch.zeros(5, 7)
+    prior[rows, cols] = values
+    dense = {"fused": users @ items.T + prior, "encoder": users @ items.T, "transitions": prior}
+    reported = {"fused": got, "encoder": got["encoder"], "transitions": got["transitions"]}
+    for name, scores in dense.items():
+        for view, exclude in (("excluded", histories), ("kept", None)):
+            expected = metric_sums(target_ranks(scores, targets, exclude), [1, 2, 5])
+            block = reported[name] if view == "excluded" else reported[name]["with_history"]
+            for key, total in expected.items():
+                assert block[key] == pytest.approx(total / 5, abs=1e-12), (name, view, key)
+    assert got["encoder"]["ndcg@5"] != got["transitions"]["ndcg@5"] != got["ndcg@5"]  # three different rankings
+    assert got["ndcg@5"] != got["with_history"]["ndcg@5"]  # the exclusion mattered
+
+
+def test_parts_need_a_bonus() -> None:
+    with pytest.raises(ValueError, match="parts needs a bonus"):
+        rank_catalog(SCORES, torch.eye(6), torch.tensor([4, 1]), None, [1], parts=True)
 
 
 @pytest.mark.parametrize("key, value", [("weight", "-0.1"), ("window", "0"), ("recent", "0"), ("decay", "0"),

@@ -21,7 +21,7 @@ from model.gather import gather_no_grad, world
 from model.user_tower import sequence_inputs
 from train.collate import PromptEncoder, history_tensor
 from train.config import Config
-from train.ranking import rank_in_chunks
+from train.ranking import rank_catalog
 from train.transitions import Transitions, count_transitions, user_prior
 
 
@@ -104,12 +104,15 @@ def training_transitions(config: Config, num_items: int) -> Transitions:
 
 def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device: torch.device,
              split: str | None = None, show_progress: bool = True,
-             catalog_tokens: list[list[int]] | None = None, transitions: Transitions | None = None) -> dict[str, Any]:
+             catalog_tokens: list[list[int]] | None = None, transitions: Transitions | None = None,
+             baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model and popularity metrics on `split` (default: eval.split), history excluded and kept.
 
     `catalog_tokens`: every item's prompt tokens when the caller keeps them (training validates
     often; tokenising a large catalog each time would cost more than encoding it). `transitions`:
-    the training transition counts when the caller keeps them (built here otherwise)."""
+    the training transition counts when the caller keeps them (built here otherwise). `baseline`:
+    popularity's metrics on this split as `baseline_of` took them from an earlier call (ranked
+    here otherwise)."""
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
@@ -135,27 +138,29 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
         def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return user_prior(counted, rows["history"][begin:end], train_counts, settings.weight, settings.recent,
                               settings.decay, settings.popularity_power)
-    metrics.update(rank_in_chunks(users, items, targets, rows["history"], ks, bonus=bonus))
-    metrics["popularity"] = popularity(prompts, targets, rows["history"], ks)
-    metrics["with_history"] = rank_in_chunks(users, items, targets, None, ks, bonus=bonus)
-    metrics["with_history"]["popularity"] = popularity(prompts, targets, None, ks)
-    if bonus is not None:  # each part alone, so a fused figure can be read against its parts
-        metrics["encoder"] = {**rank_in_chunks(users, items, targets, rows["history"], ks),
-                              "with_history": rank_in_chunks(users, items, targets, None, ks)}
-        nothing_users, nothing_items = torch.zeros(len(targets), 1), torch.zeros(len(items), 1)
-        metrics["transitions"] = {
-            **rank_in_chunks(nothing_users, nothing_items, targets, rows["history"], ks, bonus=bonus),
-            "with_history": rank_in_chunks(nothing_users, nothing_items, targets, None, ks, bonus=bonus)}
+    # One pass over the catalog ranks everything reported: history excluded and kept, and with
+    # the prior on, the encoder alone and the transitions alone (so a fused figure can be read
+    # against its parts).
+    metrics.update(rank_catalog(users, items, targets, rows["history"], ks, bonus=bonus, parts=bonus is not None))
+    popular = dict(baseline) if baseline is not None else popularity(prompts, targets, rows["history"], ks)
+    metrics["with_history"]["popularity"] = dict(popular.pop("with_history"))
+    metrics["popularity"] = popular
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return metrics
 
 
-def popularity(prompts: PromptEncoder, targets: torch.Tensor, exclude: list[list[int]] | None, ks: list[int]) -> dict[str, float]:
-    """The baseline every recommender must beat: rank items by their training count."""
+def popularity(prompts: PromptEncoder, targets: torch.Tensor, histories: list[list[int]], ks: list[int]) -> dict[str, Any]:
+    """The baseline every recommender must beat: rank items by their training count (history
+    excluded at the top level, kept under "with_history")."""
     counts = prompts.catalog.train_counts().double()
     # One "user" vector [1] against item "embeddings" [count] gives count as every user's score.
-    return rank_in_chunks(torch.ones(len(targets), 1, dtype=torch.float64), counts[:, None], targets, exclude, ks)
+    return rank_catalog(torch.ones(len(targets), 1, dtype=torch.float64), counts[:, None], targets, histories, ks)
+
+
+def baseline_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Popularity's metrics out of `evaluate`'s, in the shape its `baseline` argument takes."""
+    return {**metrics["popularity"], "with_history": metrics["with_history"]["popularity"]}
 
 
 def format_table(metrics: dict[str, Any], ks: list[int]) -> str:

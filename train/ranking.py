@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,56 +47,106 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
-                   exclude: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
-                   item_chunk: int = 32768,
-                   bonus: Bonus | None = None) -> dict[str, float]:
-    """Mean metrics of inner-product ranking over the whole catalog.
+def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
+                 histories: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
+                 item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False) -> dict[str, Any]:
+    """Mean metrics of inner-product ranking over the whole catalog, every variant in one pass.
 
     Only each target's rank is needed, and it is a count (items scoring above the target), so
     the catalog is scored in blocks of `user_chunk` x `item_chunk` and the counts added up:
-    memory stays at one block whatever the catalog and user counts. `bonus(begin, end)`: sparse
-    (row, item, value) added to the scores of users begin..end-1 (the transition prior), rows
-    counted from 0 at `begin`, one entry per (row, item); built a chunk at a time, so its memory
-    is bounded too.
+    memory stays at one block whatever the catalog and user counts.
+
+    Returns the metrics with each user's `histories` excluded from its ranking at the top level
+    and with them kept under "with_history" (the same with and without when `histories` is
+    None). Both come from one count: an excluded item only changes the rank when it scores
+    above the target, so the excluded rank is the kept one less the excluded items ahead.
+
+    `bonus(begin, end)`: sparse (row, item, value) added to the scores of users begin..end-1
+    (the transition prior), rows counted from 0 at `begin`; built a chunk at a time, so its
+    memory is bounded too. With `parts`, the embeddings alone ("encoder") and the bonus alone
+    ("transitions") are ranked in the same pass and reported beside the sum, each with its
+    "with_history": the block's inner products are computed once for all three.
     """
-    totals: dict[str, float] = {}
+    if parts and bonus is None:
+        raise ValueError("parts needs a bonus: there is nothing to rank apart")
+    # Ranked in this order (see the block loop): the encoder's scores are the block's product.
+    names = ["encoder", "ranked", "transitions"] if parts else ["ranked"]
+    sums: dict[str, dict[str, float]] = {f"{name}/{view}": {} for name in names for view in ("excluded", "kept")}
     n_items = item_embeddings.shape[0]
     for begin in range(0, len(targets), user_chunk):
         queries = user_embeddings[begin:begin + user_chunk]
         chunk_targets = targets[begin:begin + user_chunk]
         rows = torch.arange(len(chunk_targets))
-        target_scores = (queries * item_embeddings[chunk_targets]).sum(dim=-1)
+        encoder_target = (queries * item_embeddings[chunk_targets]).sum(dim=-1)
         extra = bonus(begin, begin + len(chunk_targets)) if bonus is not None else None
+        target_scores = {"encoder": encoder_target, "ranked": encoder_target}
         if extra is not None:
             on_target = extra[1] == chunk_targets[extra[0]]
-            target_scores = target_scores.index_add(0, extra[0][on_target], extra[2][on_target].to(target_scores.dtype))
-        pairs = _exclusion_pairs(exclude[begin:begin + user_chunk], chunk_targets) if exclude is not None else None
-        ahead = torch.zeros(len(chunk_targets), dtype=torch.long)
+            on_target_values = extra[2][on_target].to(encoder_target.dtype)
+            target_scores["ranked"] = encoder_target.index_add(0, extra[0][on_target], on_target_values)
+            target_scores["transitions"] = torch.zeros_like(encoder_target).index_add(0, extra[0][on_target],
+                                                                                        on_target_values)
+        pairs = _exclusion_pairs(histories[begin:begin + user_chunk], chunk_targets, n_items) \
+            if histories is not None else None
+        kept = {name: torch.zeros(len(chunk_targets), dtype=torch.long) for name in names}
+        excluded_ahead = {name: torch.zeros(len(chunk_targets), dtype=torch.long) for name in names}
         for low in range(0, n_items, item_chunk):
             high = min(low + item_chunk, n_items)
-            scores = queries @ item_embeddings[low:high].T
-            if extra is not None:
-                inside = (extra[1] >= low) & (extra[1] < high)
-                scores.index_put_((extra[0][inside], extra[1][inside] - low), extra[2][inside].to(scores.dtype),
-                                  accumulate=True)
+            index = torch.arange(low, high)
+            in_block = (chunk_targets >= low) & (chunk_targets < high)
+            excluded_here = None
             if pairs is not None:
                 inside = (pairs[1] >= low) & (pairs[1] < high)
-                scores[pairs[0][inside], pairs[1][inside] - low] = float("-inf")
-            index = torch.arange(low, high)
-            beats = (scores > target_scores[:, None]) | \
-                ((scores == target_scores[:, None]) & (index[None, :] < chunk_targets[:, None]))
-            in_block = (chunk_targets >= low) & (chunk_targets < high)
-            beats[rows[in_block], chunk_targets[in_block] - low] = False  # the target never beats itself
-            ahead += beats.sum(dim=1)
-        for key, value in metric_sums(ahead, ks).items():
-            totals[key] = totals.get(key, 0.0) + value
-    return {key: value / max(len(targets), 1) for key, value in totals.items()}
+                excluded_here = (pairs[0][inside], pairs[1][inside] - low)
+            scores = queries @ item_embeddings[low:high].T
+            bonus_here = None
+            if extra is not None:
+                inside = (extra[1] >= low) & (extra[1] < high)
+                bonus_here = ((extra[0][inside], extra[1][inside] - low), extra[2][inside].to(scores.dtype))
+            # The encoder's scores, then the bonus added in place, then the bonus alone: one
+            # block in memory for the three.
+            for name in names:
+                if bonus_here is not None and name == "ranked":
+                    scores.index_put_(*bonus_here, accumulate=True)
+                elif bonus_here is not None and name == "transitions":
+                    scores.zero_().index_put_(*bonus_here, accumulate=True)
+                target = target_scores[name]
+                beats = (scores > target[:, None]) | \
+                    ((scores == target[:, None]) & (index[None, :] < chunk_targets[:, None]))
+                beats[rows[in_block], chunk_targets[in_block] - low] = False  # the target never beats itself
+                kept[name] += beats.sum(dim=1)
+                if excluded_here is not None:
+                    excluded_ahead[name].index_add_(0, excluded_here[0], beats[excluded_here].long())
+        for name in names:
+            for view, ahead in (("excluded", kept[name] - excluded_ahead[name]), ("kept", kept[name])):
+                total = sums[f"{name}/{view}"]
+                for key, value in metric_sums(ahead, ks).items():
+                    total[key] = total.get(key, 0.0) + value
+    means = {key: {metric: value / max(len(targets), 1) for metric, value in total.items()}
+             for key, total in sums.items()}
+    out: dict[str, Any] = {**means["ranked/excluded"], "with_history": means["ranked/kept"]}
+    for name in names:
+        if name != "ranked":
+            out[name] = {**means[f"{name}/excluded"], "with_history": means[f"{name}/kept"]}
+    return out
 
 
-def _exclusion_pairs(histories: Sequence[Sequence[int]], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, item) of every history item to remove from a row's ranking; the target is kept."""
+def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
+                   exclude: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
+                   item_chunk: int = 32768, bonus: Bonus | None = None) -> dict[str, float]:
+    """One ranking's mean metrics (see `rank_catalog`): `exclude[u]` removed from user u's
+    ranking, or nothing removed when `exclude` is None."""
+    ranked = rank_catalog(user_embeddings, item_embeddings, targets, exclude, ks, user_chunk, item_chunk, bonus)
+    kept = ranked.pop("with_history")
+    return ranked if exclude is not None else kept
+
+
+def _exclusion_pairs(histories: Sequence[Sequence[int]], targets: torch.Tensor,
+                     n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) of every history item to remove from a row's ranking, each once (an item
+    seen twice must not be subtracted twice); the target is kept."""
     rows = torch.tensor([u for u, items in enumerate(histories) for _ in items], dtype=torch.long)
     items = torch.tensor([i for items in histories for i in items], dtype=torch.long)
     keep = items != targets[rows] if len(rows) else torch.zeros(0, dtype=torch.bool)
-    return rows[keep], items[keep]
+    unique = torch.unique(rows[keep] * n_items + items[keep])
+    return unique // n_items, unique % n_items

@@ -32,7 +32,7 @@ from train.config import Config
 from train.config_io import save_config
 from train.distributed import DistState
 from train.engines import Engine, RecModel, choose, init_process_group
-from train.evaluate import encode_sharded, eval_mode, evaluate, format_table, training_transitions
+from train.evaluate import baseline_of, encode_sharded, eval_mode, evaluate, format_table, training_transitions
 from train.stream import TrainStream, expand_urls, make_loader
 from train.tokenizer import load_or_build
 from train.transitions import Transitions
@@ -77,6 +77,9 @@ class Trainer:
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
         self.transitions: Transitions | None = None  # counted at the first evaluation, kept for the later ones
+        # Popularity's metrics by split: the model changes between validations, the baseline does not
+        # (and at catalog scale it costs as much to rank as the model).
+        self.baselines: dict[str, dict[str, Any]] = {}
         self.catalog_tokens: list[list[int]] | None = None
         self.stop_signal: int | None = None
         self.previous_handlers: dict[int, Any] = {}
@@ -335,8 +338,12 @@ class Trainer:
         """Full-catalog metrics; every rank computes them (ZeRO-3 needs all ranks in the forward)."""
         if self.config.eval.transitions.weight > 0 and self.transitions is None:
             self.transitions = training_transitions(self.config, len(self.prompts.catalog))
-        return evaluate(self.encoder, self.prompts, self.config, self.dist.device, split,
-                        show_progress and self.dist.is_main, self.item_token_lists(), self.transitions)
+        split = split or self.config.eval.split
+        metrics = evaluate(self.encoder, self.prompts, self.config, self.dist.device, split,
+                           show_progress and self.dist.is_main, self.item_token_lists(), self.transitions,
+                           self.baselines.get(split))
+        self.baselines[split] = baseline_of(metrics)
+        return metrics
 
     def state(self) -> dict[str, Any]:
         rng = checkpoint.rng_state()
