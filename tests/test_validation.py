@@ -1,5 +1,6 @@
-"""What a trainer keeps between validations: the popularity baseline is ranked once a split
-(it does not change while the model trains), and the reports after the first are unchanged."""
+"""Validation across ranks and over time: the users' ranking split over ranks gives the
+one-process metrics on every rank, and a trainer ranks the popularity baseline once a split (it
+does not change while the model trains) without changing what it reports."""
 
 from __future__ import annotations
 
@@ -8,8 +9,46 @@ from typing import Any
 
 import pytest
 
+import torch
+
 import train.evaluate
+from multiproc import run_ranks
 from train.config_io import load_config
+from train.ranking import Bonus, rank_catalog
+
+
+def ranking_case(users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]], Bonus]:
+    """`users` users against 9 items, with histories (a repeat, a target among them) and a prior."""
+    generator = torch.Generator().manual_seed(users)
+    user_vectors, items = torch.randn(users, 3, generator=generator), torch.randn(9, 3, generator=generator)
+    targets = torch.randint(0, 9, (users,), generator=generator)
+    histories = [torch.randint(0, 9, (u % 4,), generator=generator).tolist() + [int(targets[u])] * (u % 2)
+                 for u in range(users)]
+    pairs = torch.unique(torch.stack([torch.arange(users).repeat_interleave(2),
+                                      torch.randint(0, 9, (2 * users,), generator=generator)]), dim=1)
+    rows, cols = pairs  # one entry per (row, item)
+    values = torch.rand(len(rows), generator=generator)
+
+    def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inside = (rows >= begin) & (rows < end)
+        return rows[inside] - begin, cols[inside], values[inside]
+    return user_vectors, items, targets, histories, bonus
+
+
+def shared_ranking(rank: int, world_size: int, users: int) -> dict[str, Any]:
+    user_vectors, items, targets, histories, bonus = ranking_case(users)
+    return train.evaluate.rank_shared(user_vectors, items, targets, histories, [1, 5], torch.device("cpu"), bonus,
+                                      parts=True)
+
+
+@pytest.mark.parametrize("world_size, users", [(2, 7), (3, 7), (3, 2)])  # (3, 2): a rank with no users
+def test_ranking_split_over_ranks_equals_one_process(world_size: int, users: int) -> None:
+    user_vectors, items, targets, histories, bonus = ranking_case(users)
+    expected = rank_catalog(user_vectors, items, targets, histories, [1, 5], user_chunk=2, bonus=bonus, parts=True)
+    assert train.evaluate.numbers(expected) != [0.0] * len(train.evaluate.numbers(expected))
+    for got in run_ranks(shared_ranking, world_size, users):
+        assert got.keys() == expected.keys()
+        assert train.evaluate.numbers(got) == pytest.approx(train.evaluate.numbers(expected), abs=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Evaluation: encode the catalog and held-out users (sharded over ranks), rank every item,
+"""Evaluation: encode the catalog and held-out users (sharded over ranks), rank every item
+(the users sharded over ranks again, each share on its rank's device, the sums added up), and
 report metrics with the user's history excluded (top level) and kept (`with_history`, the way
 RecBole-style numbers are reported). With eval.transitions.weight > 0 the ranking is the fused
 one (encoder + the log's transitions, train/transitions.py), and each part alone is reported
@@ -21,7 +22,7 @@ from model.gather import gather_no_grad, world
 from model.user_tower import sequence_inputs
 from train.collate import PromptEncoder, history_tensor
 from train.config import Config
-from train.ranking import rank_catalog
+from train.ranking import Bonus, mean_metrics, rank_sums
 from train.transitions import Transitions, count_transitions, user_prior
 
 
@@ -141,8 +142,8 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
     # One pass over the catalog ranks everything reported: history excluded and kept, and with
     # the prior on, the encoder alone and the transitions alone (so a fused figure can be read
     # against its parts).
-    metrics.update(rank_catalog(users, items, targets, rows["history"], ks, bonus=bonus, parts=bonus is not None))
-    popular = dict(baseline) if baseline is not None else popularity(prompts, targets, rows["history"], ks)
+    metrics.update(rank_shared(users, items, targets, rows["history"], ks, device, bonus, parts=bonus is not None))
+    popular = dict(baseline) if baseline is not None else popularity(prompts, targets, rows["history"], ks, device)
     metrics["with_history"]["popularity"] = dict(popular.pop("with_history"))
     metrics["popularity"] = popular
     if dist.is_available() and dist.is_initialized():
@@ -150,12 +151,47 @@ def evaluate(encoder: RecEncoder, prompts: PromptEncoder, config: Config, device
     return metrics
 
 
-def popularity(prompts: PromptEncoder, targets: torch.Tensor, histories: list[list[int]], ks: list[int]) -> dict[str, Any]:
+def popularity(prompts: PromptEncoder, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
+               device: torch.device) -> dict[str, Any]:
     """The baseline every recommender must beat: rank items by their training count (history
     excluded at the top level, kept under "with_history")."""
     counts = prompts.catalog.train_counts().double()
     # One "user" vector [1] against item "embeddings" [count] gives count as every user's score.
-    return rank_catalog(torch.ones(len(targets), 1, dtype=torch.float64), counts[:, None], targets, histories, ks)
+    return rank_shared(torch.ones(len(targets), 1, dtype=torch.float64), counts[:, None], targets, histories, ks,
+                       device)
+
+
+def rank_shared(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, histories: list[list[int]],
+                ks: list[int], device: torch.device, bonus: Bonus | None = None, parts: bool = False) -> dict[str, Any]:
+    """`rank_catalog` with the users split over the ranks: each ranks its share of the users on
+    its own device, and the metric sums are added up over the ranks (every rank gets the means).
+    With 8 ranks, each scores an eighth of the users x items blocks instead of all of them."""
+    rank, size = world(None)
+    per_rank = -(-len(targets) // size)
+    begin, end = min(rank * per_rank, len(targets)), min((rank + 1) * per_rank, len(targets))
+    share_bonus: Bonus | None = None
+    if bonus is not None:
+        full = bonus
+
+        def share_bonus(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return full(begin + first, begin + last)  # rows still counted from `first`
+    sums = rank_sums(users[begin:end], items, targets[begin:end], histories[begin:end], ks, bonus=share_bonus,
+                     parts=parts, device=device)
+    if size > 1:  # the same keys in the same order on every rank: one vector to add up
+        totals = torch.tensor(numbers(sums), dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        sums = refill(sums, iter(totals.tolist()))
+    return mean_metrics(sums, len(targets))
+
+
+def numbers(tree: dict[str, Any]) -> list[float]:
+    """Every number of a nested metrics dict, in its key order."""
+    return [x for value in tree.values() for x in (numbers(value) if isinstance(value, dict) else [float(value)])]
+
+
+def refill(tree: dict[str, Any], values: Iterator[float]) -> dict[str, Any]:
+    """`tree` with its numbers replaced, in `numbers` order, by `values`."""
+    return {key: refill(value, values) if isinstance(value, dict) else next(values) for key, value in tree.items()}
 
 
 def baseline_of(metrics: dict[str, Any]) -> dict[str, Any]:

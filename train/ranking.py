@@ -49,14 +49,28 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
 
 def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
                  histories: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
-                 item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False) -> dict[str, Any]:
-    """Mean metrics of inner-product ranking over the whole catalog, every variant in one pass.
+                 item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False,
+                 device: torch.device | None = None) -> dict[str, Any]:
+    """Mean metrics of inner-product ranking over the whole catalog, every variant in one pass
+    (the sums of `rank_sums` over the users)."""
+    sums = rank_sums(user_embeddings, item_embeddings, targets, histories, ks, user_chunk, item_chunk, bonus, parts,
+                     device)
+    return mean_metrics(sums, len(targets))
+
+
+def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
+              histories: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
+              item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False,
+              device: torch.device | None = None) -> dict[str, Any]:
+    """Per-metric sums over the users of inner-product ranking over the whole catalog.
 
     Only each target's rank is needed, and it is a count (items scoring above the target), so
     the catalog is scored in blocks of `user_chunk` x `item_chunk` and the counts added up:
-    memory stays at one block whatever the catalog and user counts.
+    memory stays at one block whatever the catalog and user counts. The blocks are scored on
+    `device` (default: where the item embeddings are), each moved there when it is scored, so
+    the catalog can stay in host memory while an accelerator does the arithmetic.
 
-    Returns the metrics with each user's `histories` excluded from its ranking at the top level
+    Returns the sums with each user's `histories` excluded from its ranking at the top level
     and with them kept under "with_history" (the same with and without when `histories` is
     None). Both come from one count: an excluded item only changes the rank when it scores
     above the target, so the excluded rank is the kept one less the excluded items ahead.
@@ -69,16 +83,19 @@ def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, t
     """
     if parts and bonus is None:
         raise ValueError("parts needs a bonus: there is nothing to rank apart")
+    device = device or item_embeddings.device
     # Ranked in this order (see the block loop): the encoder's scores are the block's product.
     names = ["encoder", "ranked", "transitions"] if parts else ["ranked"]
-    sums: dict[str, dict[str, float]] = {f"{name}/{view}": {} for name in names for view in ("excluded", "kept")}
+    none_yet = metric_sums(torch.zeros(0, dtype=torch.long), ks)  # every key, even for no users
+    sums = {f"{name}/{view}": dict(none_yet) for name in names for view in ("excluded", "kept")}
     n_items = item_embeddings.shape[0]
     for begin in range(0, len(targets), user_chunk):
-        queries = user_embeddings[begin:begin + user_chunk]
-        chunk_targets = targets[begin:begin + user_chunk]
-        rows = torch.arange(len(chunk_targets))
-        encoder_target = (queries * item_embeddings[chunk_targets]).sum(dim=-1)
-        extra = bonus(begin, begin + len(chunk_targets)) if bonus is not None else None
+        queries = user_embeddings[begin:begin + user_chunk].to(device)
+        host_targets = targets[begin:begin + user_chunk].cpu()
+        chunk_targets = host_targets.to(device)
+        rows = torch.arange(len(chunk_targets), device=device)
+        encoder_target = (queries * item_embeddings[host_targets].to(device)).sum(dim=-1)
+        extra = None if bonus is None else tuple(t.to(device) for t in bonus(begin, begin + len(chunk_targets)))
         target_scores = {"encoder": encoder_target, "ranked": encoder_target}
         if extra is not None:
             on_target = extra[1] == chunk_targets[extra[0]]
@@ -86,19 +103,21 @@ def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, t
             target_scores["ranked"] = encoder_target.index_add(0, extra[0][on_target], on_target_values)
             target_scores["transitions"] = torch.zeros_like(encoder_target).index_add(0, extra[0][on_target],
                                                                                         on_target_values)
-        pairs = _exclusion_pairs(histories[begin:begin + user_chunk], chunk_targets, n_items) \
-            if histories is not None else None
-        kept = {name: torch.zeros(len(chunk_targets), dtype=torch.long) for name in names}
-        excluded_ahead = {name: torch.zeros(len(chunk_targets), dtype=torch.long) for name in names}
+        pairs = None
+        if histories is not None:
+            excluded_rows, excluded_items = _exclusion_pairs(histories[begin:begin + user_chunk], host_targets, n_items)
+            pairs = (excluded_rows.to(device), excluded_items.to(device))
+        kept = {name: torch.zeros(len(chunk_targets), dtype=torch.long, device=device) for name in names}
+        excluded_ahead = {name: torch.zeros(len(chunk_targets), dtype=torch.long, device=device) for name in names}
         for low in range(0, n_items, item_chunk):
             high = min(low + item_chunk, n_items)
-            index = torch.arange(low, high)
+            index = torch.arange(low, high, device=device)
             in_block = (chunk_targets >= low) & (chunk_targets < high)
             excluded_here = None
             if pairs is not None:
                 inside = (pairs[1] >= low) & (pairs[1] < high)
                 excluded_here = (pairs[0][inside], pairs[1][inside] - low)
-            scores = queries @ item_embeddings[low:high].T
+            scores = queries @ item_embeddings[low:high].to(device).T
             bonus_here = None
             if extra is not None:
                 inside = (extra[1] >= low) & (extra[1] < high)
@@ -121,14 +140,18 @@ def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, t
             for view, ahead in (("excluded", kept[name] - excluded_ahead[name]), ("kept", kept[name])):
                 total = sums[f"{name}/{view}"]
                 for key, value in metric_sums(ahead, ks).items():
-                    total[key] = total.get(key, 0.0) + value
-    means = {key: {metric: value / max(len(targets), 1) for metric, value in total.items()}
-             for key, total in sums.items()}
-    out: dict[str, Any] = {**means["ranked/excluded"], "with_history": means["ranked/kept"]}
+                    total[key] += value
+    out: dict[str, Any] = {**sums["ranked/excluded"], "with_history": sums["ranked/kept"]}
     for name in names:
         if name != "ranked":
-            out[name] = {**means[f"{name}/excluded"], "with_history": means[f"{name}/kept"]}
+            out[name] = {**sums[f"{name}/excluded"], "with_history": sums[f"{name}/kept"]}
     return out
+
+
+def mean_metrics(sums: dict[str, Any], users: int) -> dict[str, Any]:
+    """Every number of a (nested) dict of metric sums divided by the user count."""
+    return {key: mean_metrics(value, users) if isinstance(value, dict) else value / max(users, 1)
+            for key, value in sums.items()}
 
 
 def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
