@@ -123,6 +123,22 @@ def test_chunked_equals_unchunked(chunk: int, item_chunk: int, exclude: list[lis
         assert whole[key] == pytest.approx(direct[key], abs=1e-12)
 
 
+@pytest.mark.parametrize("chunk, item_chunk", [(1, 1), (2, 3), (5, 4), (16, 16)])
+def test_ties_across_blocks_break_by_item_index(chunk: int, item_chunk: int) -> None:
+    # Scores from {0, 1, 2}: most items tie with the target, in its block and in the blocks before
+    # and after it; a tie ahead of the target's index beats it, one after it does not.
+    generator = torch.Generator().manual_seed(1)
+    users = torch.randint(0, 3, (9, 1), generator=generator).double()
+    items = torch.randint(0, 3, (13, 1), generator=generator).double()
+    targets = torch.randint(0, 13, (9,), generator=generator)
+    exclude = [torch.randint(0, 13, (u % 5,), generator=generator).tolist() for u in range(9)]
+    for histories in (exclude, None):
+        got = rank_in_chunks(users, items, targets, histories, [1, 3, 8], user_chunk=chunk, item_chunk=item_chunk)
+        expected = metric_sums(target_ranks(users @ items.T, targets, histories), [1, 3, 8])
+        for key, total in expected.items():
+            assert got[key] == pytest.approx(total / 9, abs=1e-12), (key, histories is None)
+
+
 def test_popularity_ranking_orders_by_counts() -> None:
     # Popularity as evaluate.popularity scores it: a one-dimensional "user" of ones against
     # item "embeddings" equal to their training counts.

@@ -111,7 +111,6 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
         excluded_ahead = {name: torch.zeros(len(chunk_targets), dtype=torch.long, device=device) for name in names}
         for low in range(0, n_items, item_chunk):
             high = min(low + item_chunk, n_items)
-            index = torch.arange(low, high, device=device)
             in_block = (chunk_targets >= low) & (chunk_targets < high)
             excluded_here = None
             if pairs is not None:
@@ -130,12 +129,11 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
                 elif bonus_here is not None and name == "transitions":
                     scores.zero_().index_put_(*bonus_here, accumulate=True)
                 target = target_scores[name]
-                beats = (scores > target[:, None]) | \
-                    ((scores == target[:, None]) & (index[None, :] < chunk_targets[:, None]))
-                beats[rows[in_block], chunk_targets[in_block] - low] = False  # the target never beats itself
-                kept[name] += beats.sum(dim=1)
+                kept[name] += _items_ahead(scores, target, chunk_targets, low, rows[in_block])
                 if excluded_here is not None:
-                    excluded_ahead[name].index_add_(0, excluded_here[0], beats[excluded_here].long())
+                    beaten = _beats(scores[excluded_here], target[excluded_here[0]], excluded_here[1] + low,
+                                    chunk_targets[excluded_here[0]])
+                    excluded_ahead[name].index_add_(0, excluded_here[0], beaten.long())
         for name in names:
             for view, ahead in (("excluded", kept[name] - excluded_ahead[name]), ("kept", kept[name])):
                 total = sums[f"{name}/{view}"]
@@ -146,6 +144,35 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
         if name != "ranked":
             out[name] = {**sums[f"{name}/excluded"], "with_history": sums[f"{name}/kept"]}
     return out
+
+
+def _beats(scores: torch.Tensor, target: torch.Tensor, items: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+    """Whether each item ranks above its row's target: a higher score, or the same score and a
+    lower item index (ties broken as a stable sort would)."""
+    return (scores > target) | ((scores == target) & (items < target_items))
+
+
+def _items_ahead(scores: torch.Tensor, target: torch.Tensor, chunk_targets: torch.Tensor, low: int,
+                 target_rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the items of the block `scores` (columns low, low + 1, ...) that rank above the
+    row's target, by `_beats`, in one comparison over the block.
+
+    An item below the target's index beats it with an equal score, one above only with a higher
+    one. In a block wholly below a row's target, "s >= t" is "s > the float just under t"; wholly
+    above, "s > t": one threshold a row. Only the rows whose target lies in the block (few: one
+    block's share of the catalog) need the exact rule, applied to those rows alone, which also
+    keeps the target from beating itself (its block score and its separately computed score may
+    differ by rounding)."""
+    below_target = chunk_targets >= low + scores.shape[1]  # the whole block comes before the target
+    threshold = torch.where(below_target, torch.nextafter(target, torch.full_like(target, float("-inf"))), target)
+    ahead = (scores > threshold[:, None]).sum(dim=1)
+    if len(target_rows):
+        own = scores[target_rows]
+        items = torch.arange(low, low + scores.shape[1], device=scores.device)
+        exact = _beats(own, target[target_rows, None], items[None, :], chunk_targets[target_rows, None])
+        exact[torch.arange(len(target_rows), device=scores.device), chunk_targets[target_rows] - low] = False
+        ahead[target_rows] = exact.sum(dim=1)
+    return ahead
 
 
 def mean_metrics(sums: dict[str, Any], users: int) -> dict[str, Any]:
