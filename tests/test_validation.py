@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 import torch
 
 import train.evaluate
 from multiproc import run_ranks
+from test_transitions import sparse
 from train.config_io import load_config
 from train.ranking import Bonus, rank_catalog
 
@@ -28,11 +28,7 @@ def ranking_case(users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
                                       torch.randint(0, 9, (2 * users,), generator=generator)]), dim=1)
     rows, cols = pairs  # one entry per (row, item)
     values = torch.rand(len(rows), generator=generator)
-
-    def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        inside = (rows >= begin) & (rows < end)
-        return rows[inside] - begin, cols[inside], values[inside]
-    return user_vectors, items, targets, histories, bonus
+    return user_vectors, items, targets, histories, sparse(rows, cols, values)
 
 
 def shared_ranking(rank: int, world_size: int, users: int) -> dict[str, Any]:

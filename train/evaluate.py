@@ -65,13 +65,19 @@ def encode_sharded(encoder: RecEncoder, prompts: PromptEncoder, token_lists: lis
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
 
 
+def rank_share(count: int) -> range:
+    """This rank's contiguous share of `count` rows, ceil(count / world size) long; on the last
+    ranks it may run past `count`."""
+    rank, size = world(None)
+    per_rank = -(-count // size)
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
 def rank_rows(count: int) -> list[int]:
     """This rank's share of `count` rows: the same number on every rank (the last row repeated),
     so every rank runs the same number of forward passes: ZeRO-3 gathers weights inside each
     forward and would hang on a rank that ran one fewer."""
-    rank, size = world(None)
-    per_rank = -(-count // size)
-    return [min(i, count - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    return [min(i, count - 1) for i in rank_share(count)]
 
 
 @torch.no_grad()
@@ -166,9 +172,8 @@ def rank_shared(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
     """`rank_catalog` with the users split over the ranks: each ranks its share of the users on
     its own device, and the metric sums are added up over the ranks (every rank gets the means).
     With 8 ranks, each scores an eighth of the users x items blocks instead of all of them."""
-    rank, size = world(None)
-    per_rank = -(-len(targets) // size)
-    begin, end = min(rank * per_rank, len(targets)), min((rank + 1) * per_rank, len(targets))
+    share = rank_share(len(targets))
+    begin, end = min(share.start, len(targets)), min(share.stop, len(targets))
     share_bonus: Bonus | None = None
     if bonus is not None:
         full = bonus
@@ -177,7 +182,7 @@ def rank_shared(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
             return full(begin + first, begin + last)  # rows still counted from `first`
     sums = rank_sums(users[begin:end], items, targets[begin:end], histories[begin:end], ks, bonus=share_bonus,
                      parts=parts, device=device)
-    if size > 1:  # the same keys in the same order on every rank: one vector to add up
+    if world(None)[1] > 1:  # the same keys in the same order on every rank: one vector to add up
         totals = torch.tensor(numbers(sums), dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         sums = refill(sums, iter(totals.tolist()))

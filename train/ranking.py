@@ -30,8 +30,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[
             scores[torch.tensor(user_rows, device=scores.device), items] = float("-inf")
     scores[rows, targets] = target_scores  # restore a target that was also in the history
     index = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > target_scores[:, None]) | ((scores == target_scores[:, None]) & (index[None, :] < targets[:, None]))
-    return ahead.sum(dim=1)
+    return _beats(scores, target_scores[:, None], index[None, :], targets[:, None]).sum(dim=1)
 
 
 def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
