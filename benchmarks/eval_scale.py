@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.config import TransitionSettings  # noqa: E402
-from train.ranking import Bonus, rank_catalog  # noqa: E402
-from train.transitions import count_transitions, user_prior  # noqa: E402
+from train.config.schema import TransitionSettings  # noqa: E402
+from train.evaluation.ranking import Bonus, rank_catalog  # noqa: E402
+from train.evaluation.transitions import count_transitions, user_prior  # noqa: E402
 
 
 def main() -> None:

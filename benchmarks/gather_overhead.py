@@ -28,8 +28,8 @@ def measure(batch: int, steps: int) -> dict[str, float]:
     import torch.distributed as dist
 
     from model.loss import contrastive_loss
-    from train.backbone import build_encoder
-    from train.config_io import load_config
+    from train.modeling.backbone import build_encoder
+    from train.config.io import load_config
     from train.distributed import from_environment
 
     state = from_environment("cpu")

@@ -13,12 +13,12 @@ apart), then runs `python -m train.cli prepare` on it in a child process, and pr
 side by side: counts, shard sizes, wall time and that child's peak RSS (from os.wait4:
 `/usr/bin/time -v`'s figure), next to the peak RSS of a child that only imports the CLI (the
 fixed cost of Python, torch and pyarrow). Prepare's memory is bounded by the catalog and
-train.prepare.Budget, so the peak RSS should stay level from one size to the next.
+train.data.prepare.pipeline.Budget, so the peak RSS should stay level from one size to the next.
 
 --write-only times just prepare's last stage on synthetic arrays of `--samples` training
-samples: the samples and their histories into shuffle buckets (`train.shuffle.SampleBuckets`,
-as many at once as `train.prepare.Budget.samples_at_once`), then the shards written bucket by
-bucket (`train.shards.ShardWriter`).
+samples: the samples and their histories into shuffle buckets (`train.data.prepare.shuffle.SampleBuckets`,
+as many at once as `train.data.prepare.pipeline.Budget.samples_at_once`), then the shards written bucket by
+bucket (`train.data.prepare.shards.ShardWriter`).
 
 --profile runs prepare() in this process under cProfile and prints the top costs.
 """
@@ -149,7 +149,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="prepare-scale-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        _, import_rss, code = _run_measured([sys.executable, "-c", "import train.cli, train.prepare"],
+        _, import_rss, code = _run_measured([sys.executable, "-c", "import train.cli, train.data.prepare.run"],
                                             root / "import.log")
         _check(code, "importing the CLI", root / "import.log")
         runs = []
@@ -175,7 +175,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         widths = [max(len(values[i]) for _, values in rows) for i in range(len(runs))]
         for name, values in rows:
             print(f"{name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, widths)))
-        print(f"peak RSS, imports only: {import_rss:.0f} MB (python -c 'import train.cli, train.prepare'); "
+        print(f"peak RSS, imports only: {import_rss:.0f} MB (python -c 'import train.cli, train.data.prepare.run'); "
               f"cores: {os.cpu_count()}")
         print("prepare wall time: the child process, imports included; prepare's own time: the manifest's "
               "'seconds'; generating the log: a separate child, not part of prepare")
@@ -210,9 +210,9 @@ def synthetic_samples(samples: int, items: int, max_length: int = 60, seed: int 
 
 
 def run_write_only(args: argparse.Namespace) -> None:
-    from train.prepare import Budget
-    from train.shards import ShardWriter, histories
-    from train.shuffle import SampleBuckets, write_shards
+    from train.data.prepare.pipeline import Budget
+    from train.data.prepare.shards import ShardWriter, histories
+    from train.data.prepare.shuffle import SampleBuckets, write_shards
 
     arrays = synthetic_samples(args.samples, args.items, seed=args.seed)
     n = len(arrays["ts"])
@@ -245,8 +245,8 @@ def run_write_only(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------- the profile
 
 def run_profile(args: argparse.Namespace) -> None:
-    from train.config_io import load_config
-    from train.prepare import prepare
+    from train.config.io import load_config
+    from train.data.prepare.run import prepare
 
     with tempfile.TemporaryDirectory(prefix="prepare-profile-") as tmp:
         directory = Path(tmp)

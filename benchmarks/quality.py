@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (ROOT.parent / "shared" / "data" / "ml-100k").is_dir():
         sys.exit("../shared/data/ml-100k not found beside the project")
-    from train.config_io import load_config
+    from train.config.io import load_config
 
     runs = [list(args.overrides)]
     if args.seeds:

@@ -171,8 +171,8 @@ def test_transition_prior_is_fused_and_reported_beside_its_parts(tmp_path: Path)
     import pyarrow.parquet as pq
     import torch
 
-    from train.ranking import metric_sums, target_ranks
-    from train.transitions import count_transitions, user_prior
+    from train.evaluation.ranking import metric_sums, target_ranks
+    from train.evaluation.transitions import count_transitions, user_prior
     valid, test = (pq.read_table(tmp_path / "data" / "splits" / f"{s}.parquet").to_pydict() for s in ("valid", "test"))
     counts = torch.from_numpy(pq.read_table(tmp_path / "data" / "catalog.parquet").column("train_count").to_numpy().copy())
     transitions = count_transitions(valid["history"], len(counts), window=2, max_successors=200)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from train.cli import main
-from train.config import Config
-from train.config_io import load_config, parse_override
+from train.config.schema import Config
+from train.config.io import load_config, parse_override
 from train.errors import UserError
 
 

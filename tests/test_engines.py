@@ -40,27 +40,27 @@ ITEMS = ("model.user_encoder=items", "model.user_tower_dropout=0",
 
 def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]],
                            extra: tuple[str, ...] = ()) -> dict:
-    from train.config_io import load_config
+    from train.config.io import load_config
     from train.distributed import from_environment
-    from train.stream import read_shard
-    from train.trainer import Trainer
+    from train.data.stream import read_shard
+    from train.loop.recipe import Trainer
 
     out = {}
     for engine, stage in runs:
         config = load_config(None, tiny_config(Path(tmp), engine, stage, world_size, extra))
         trainer = Trainer(config, from_environment("cpu"))
         trainer.setup()
-        shard = Path(config.data.dir) / trainer.manifest["shards"][0]["name"]
+        shard = Path(config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
         samples = list(read_shard(str(shard)))
         per_rank = GLOBAL_BATCH // world_size
         losses = []
         for step in range(STEPS):
             if extra == ITEMS:
-                local = trainer.prompts(samples[step * GLOBAL_BATCH + rank * per_rank:][:per_rank])
+                local = trainer.collator(samples[step * GLOBAL_BATCH + rank * per_rank:][:per_rank])
             else:
-                global_batch = trainer.prompts(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+                global_batch = trainer.collator(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
                 local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in global_batch.items()}
-            loss = torch.tensor(trainer.train_step(local))
+            loss = trainer.train_step(local).loss
             if world_size > 1:
                 torch.distributed.all_reduce(loss)
             losses.append(float(loss) / world_size)
@@ -99,18 +99,18 @@ def test_engines_at_two_ranks_match_one_rank(workdir: Path, extra: tuple[str, ..
     ["train.precision=bf16", "model.pooling=mean", "model.padding_side=right"],
 ])
 def test_precision_checkpointing_and_attention_settings_train(tmp_path: Path, overrides: list[str]) -> None:
-    from train.config_io import load_config
+    from train.config.io import load_config
     from train.distributed import from_environment
-    from train.trainer import Trainer
+    from train.loop.recipe import Trainer
 
     config = load_config(None, [*tiny_config(tmp_path, "plain", -1, 1), "loss.learn_temperature=false", *overrides])
     trainer = Trainer(config, from_environment("cpu"))
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    shard = Path(config.data.dir) / trainer.manifest["shards"][0]["name"]
-    from train.stream import read_shard
+    shard = Path(config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
+    from train.data.stream import read_shard
     samples = list(read_shard(str(shard)))[:GLOBAL_BATCH]
-    loss = trainer.train_step(trainer.prompts(samples))
+    loss = float(trainer.train_step(trainer.collator(samples)).loss)
     assert loss == loss and loss > 0
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_B" in n for n in changed)

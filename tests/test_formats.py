@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from train.cli import main
-from train.config_io import load_config
+from train.config.io import load_config
 from train.errors import UserError
-from train.filters import k_core
-from train.prepare import prepare
+from train.data.prepare.filters import k_core
+from train.data.prepare.run import prepare
 
 
 # (user, item, rating, time) in file order.

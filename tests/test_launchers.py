@@ -98,9 +98,9 @@ def test_sigterm_checkpoints_and_resume_replays_the_losses(tmp_path: Path) -> No
 
 
 def deepspeed_run(rank: int, world_size: int, cfg: str, stop_after: int | None) -> dict[int, float] | None:
-    from train.config_io import load_config
+    from train.config.io import load_config
     from train.distributed import from_environment
-    from train.trainer import Trainer
+    from train.loop.recipe import Trainer
 
     trainer = Trainer(load_config(cfg, ["device=cpu", "engine=deepspeed", "deepspeed.zero_stage=2"]),
                       from_environment("cpu"))
@@ -154,3 +154,36 @@ def test_a_dead_rank_ends_the_job_with_its_name(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert time.time() - killed_at < 60
     assert "rank" in output and ("local_rank: 1" in output or "rank 1" in output), output[-3000:]
+
+
+# The eval recipe joins the process group like training: each rank encodes and ranks its share,
+# the sums are added up, rank 0 alone prints and writes. The same figures as one process.
+@pytest.mark.parametrize("extra", [["eval.transitions.weight=0.5"], ["model.user_encoder=items"]],
+                         ids=["text+transitions", "items"])
+def test_eval_under_torchrun_ranks_shares_and_reports_once(tmp_path: Path, extra: list[str]) -> None:
+    cfg = config(tmp_path, "eval", 4)
+    trained = subprocess.run([sys.executable, "-m", "train.cli", "train", str(cfg), "device=cpu", *extra],
+                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "eval"
+    one = subprocess.run([sys.executable, "-m", "train.cli", "eval", str(cfg), "device=cpu", *extra], cwd=tmp_path,
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()
+    two = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
+                          "rectrain", "eval", str(cfg), "device=cpu", *extra], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("popularity, history kept") == 1  # one table, from rank 0
+    assert "2 process(es)" in two.stderr
+    shared = json.loads((run / "metrics.json").read_text())
+    assert shared.keys() == alone.keys() and shared["users"] == alone["users"] == 120
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, float]:
+        return {k: v for key, value in tree.items() if key not in ("split", "checkpoint")
+                for k, v in (flat(value, f"{prefix}{key}/").items() if isinstance(value, dict)
+                             else [(f"{prefix}{key}", value)])}
+    assert flat(shared) == pytest.approx(flat(alone), abs=1e-6)
+    if extra == ["eval.transitions.weight=0.5"]:
+        assert "transitions" in shared and "encoder" in shared

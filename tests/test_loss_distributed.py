@@ -13,8 +13,8 @@ from model.loss import (Temperature, candidate_columns, candidate_scores, catalo
                         triplet_loss, uniformity_loss, user_contrastive_loss)
 from model.user_tower import UserTower, sequence_inputs
 from multiproc import run_ranks
-from train.backbone import build_encoder
-from train.config_io import load_config
+from train.modeling.backbone import build_encoder
+from train.config.io import load_config
 
 GLOBAL_BATCH = 8
 VOCAB = 64

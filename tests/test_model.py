@@ -1,5 +1,5 @@
 """The encoder: pooling, padding invariance, LoRA freezing (model/pooling.py, model/encoder.py,
-train/backbone.py), on a tiny random Llama."""
+train/modeling/backbone.py), on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 
 from model.encoder import RecEncoder
 from model.pooling import last_token, mean_tokens, position_ids
-from train.backbone import build_encoder
-from train.collate import pad
-from train.config_io import load_config
+from train.modeling.backbone import build_encoder
+from train.data.collate import pad
+from train.config.io import load_config
 from train.errors import UserError
 
 TINY = [
@@ -173,7 +173,7 @@ def test_partly_unknown_lora_targets_name_only_the_missing_one() -> None:
 
 
 def test_user_projection_is_a_head_of_its_own(tmp_path) -> None:
-    from train import checkpoint
+    from train.modeling import checkpoint
 
     encoder = tiny_encoder("model.projection_dim=16", "model.user_projection=true").eval()
     randomise_lora(encoder)

@@ -25,9 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from train.config_io import load_config
+from train.config.io import load_config
 from train.errors import UserError
-from train.prepare import exclusive, is_prepared, prepare, stale_reason
+from train.data.layout import is_prepared, stale_reason
+from train.data.prepare.run import exclusive, prepare
 
 
 EXPECTED_VALID = [

@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_prepare import EXPECTED_CATALOG, EXPECTED_COUNTS, EXPECTED_SAMPLES, EXPECTED_TEST, EXPECTED_VALID
-from train import readers
-from train.config_io import load_config
+from train.data.prepare import readers
+from train.config.io import load_config
 from train.errors import UserError
-from train.filters import InMemoryPart, k_core, k_core_of_parts
-from train.partition import LogSpill, Partition, UserSample, partition_of
-from train.prepare import Budget, prepare
-from train.shuffle import Permutation
+from train.data.prepare.filters import InMemoryPart, k_core, k_core_of_parts
+from train.data.prepare.partition import LogSpill, Partition, UserSample, partition_of
+from train.data.prepare.pipeline import Budget
+from train.data.prepare.run import prepare
+from train.data.prepare.shuffle import Permutation
 
 
 
@@ -97,7 +98,7 @@ def test_partitions_chunks_and_buckets_change_nothing(tmp_path: Path, filters: l
         return made
 
     monkeypatch.setattr(LogSpill, "partitions", counted)
-    monkeypatch.setattr("train.partition.OPEN_PARTITIONS", 3)  # route in several passes
+    monkeypatch.setattr("train.data.prepare.partition.OPEN_PARTITIONS", 3)  # route in several passes
     whole = _prepare([*overrides, f"data.dir={tmp_path / 'whole'}"])
     budgets = [small(chunk_bytes=100, partition_rows=150, samples_at_once=13, bucket_samples=20),
                small(chunk_bytes=64, partition_rows=40, samples_at_once=3, bucket_samples=5)]

@@ -1,4 +1,4 @@
-"""Full-catalog ranking metrics (train/ranking.py) against hand-computed values."""
+"""Full-catalog ranking metrics (train/evaluation/ranking.py) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.ranking import metric_sums, rank_in_chunks, target_ranks
+from train.evaluation.ranking import metric_sums, rank_in_chunks, target_ranks
 
 # 3 users x 6 items. Hand-worked ranks (0-based, ties broken by lower item index):
 #   user 0, target 3 (0.9): item 1 ties at 0.9 with a lower index -> rank 1.

@@ -1,6 +1,6 @@
-"""train/shards.py: the fast shard writer gives byte for byte what tarfile gave, and reads back.
+"""train/data/prepare/shards.py: the fast shard writer gives byte for byte what tarfile gave, and reads back.
 
-The reference below is prepare's writer as it was before train/shards.py (tarfile, one
+The reference below is prepare's writer as it was before train/data/prepare/shards.py (tarfile, one
 json.dumps per sample); the fast writer must produce identical files from the same samples.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from train.shards import BLOCK, RECORD, ShardWriter, histories, tar_bytes, ustar_headers, write_tar
-from train.shuffle import Permutation, SampleBuckets, write_shards
-from train.stream import read_shard
+from train.data.prepare.shards import BLOCK, RECORD, ShardWriter, histories, tar_bytes, ustar_headers, write_tar
+from train.data.prepare.shuffle import Permutation, SampleBuckets, write_shards
+from train.data.stream import read_shard
 
 # --------------------------------------------------------------- the tarfile reference
 
@@ -68,7 +68,7 @@ def _tarfile_bytes(names: list[str], payloads: list[bytes]) -> bytes:
 
 def _tarfile_writes_device_fields() -> bool:
     """Python 3.10 before its late bug-fix releases wrote "0000000" device numbers for regular
-    files; later versions (and train/shards.py) leave them empty, as GNU tar does."""
+    files; later versions (and train/data/prepare/shards.py) leave them empty, as GNU tar does."""
     return _tarfile_bytes(["x"], [b""])[329:337] != bytes(8)
 
 

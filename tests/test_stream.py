@@ -1,4 +1,4 @@
-"""Streaming training batches from real WebDataset shards (train/stream.py), with real
+"""Streaming training batches from real WebDataset shards (train/data/stream.py), with real
 DataLoader worker processes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from torch.utils.data import DataLoader
 
-from train.config_io import load_config
-from train.prepare import prepare
-from train.stream import TrainStream, expand_urls, read_shard
+from train.config.io import load_config
+from train.data.prepare.run import prepare
+from train.data.stream import TrainStream, expand_urls, read_shard
 
 NUM_USERS = 60
 NUM_ITEMS = 50

@@ -1,4 +1,4 @@
-"""The transition prior (train/transitions.py) against naive loops, and its fused ranking."""
+"""The transition prior (train/evaluation/transitions.py) against naive loops, and its fused ranking."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from train.config_io import load_config
+from train.config.io import load_config
 from train.errors import UserError
-from train.ranking import Bonus, metric_sums, rank_catalog, rank_in_chunks, target_ranks
-from train.transitions import Transitions, count_transitions, user_prior
+from train.evaluation.ranking import Bonus, metric_sums, rank_catalog, rank_in_chunks, target_ranks
+from train.evaluation.transitions import Transitions, count_transitions, user_prior
 
 
 def naive_counts(sequences: list[list[int]], window: int) -> dict[tuple[int, int], float]:

@@ -11,7 +11,7 @@ import torch
 
 from model.loss import candidate_columns, distinct_items, next_item_loss
 from model.user_tower import sequence_inputs
-from train.config_io import load_config
+from train.config.io import load_config
 from train.errors import UserError
 
 
@@ -53,7 +53,7 @@ def test_next_item_loss_is_cross_entropy_over_the_distinct_items() -> None:
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from train.distributed import from_environment
-    from train.trainer import Trainer
+    from train.loop.recipe import Trainer
 
     tmp = tmp_path_factory.mktemp("tower")
     config = load_config(None, [
@@ -72,20 +72,20 @@ def trainer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 def test_the_batch_holds_each_distinct_item_once_and_a_step_trains_the_tower(trainer) -> None:  # type: ignore[no-untyped-def]
-    from train.stream import read_shard
+    from train.data.stream import read_shard
 
-    shard = Path(trainer.config.data.dir) / trainer.manifest["shards"][0]["name"]
+    shard = Path(trainer.config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
     samples = list(read_shard(str(shard)))[:6]
-    batch = trainer.prompts(samples)
+    batch = trainer.collator(samples)
     assert "user_input_ids" not in batch  # users are never rendered as text here
     expected = sorted({s["item"] for s in samples} | {i for s in samples for i in s["history"]})
     assert batch["batch_item_ids"].tolist() == expected
     assert batch["item_input_ids"].shape[0] == len(expected)
-    one = trainer.prompts.item_tokens([expected[2]])[0]
+    one = trainer.collator.item_tokens([expected[2]])[0]
     row = batch["item_input_ids"][2][batch["item_attention_mask"][2].bool()]
     assert row.tolist() == one
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    loss = trainer.train_step(batch)
+    loss = float(trainer.train_step(batch).loss)
     assert loss == loss and loss > 0
     changed = {n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert any(n.startswith("encoder.user_tower.") for n in changed)
@@ -113,7 +113,7 @@ def test_options_of_the_text_encoder_are_refused_with_items(override: str, key: 
 
 
 def test_raw_inner_products_keep_the_lengths() -> None:
-    from train.backbone import build_encoder
+    from train.modeling.backbone import build_encoder
 
     ids, mask = torch.randint(3, 60, (4, 6)), torch.ones(4, 6, dtype=torch.long)
     lengths = {}

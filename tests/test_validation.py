@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-import train.evaluate
+import train.evaluation.evaluate
 from multiproc import run_ranks
 from test_transitions import sparse
-from train.config_io import load_config
-from train.ranking import Bonus, rank_catalog
+from train.config.io import load_config
+from train.evaluation.ranking import Bonus, rank_catalog
 
 
 def ranking_case(users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]], Bonus]:
@@ -33,7 +33,7 @@ def ranking_case(users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 def shared_ranking(rank: int, world_size: int, users: int) -> dict[str, Any]:
     user_vectors, items, targets, histories, bonus = ranking_case(users)
-    return train.evaluate.rank_shared(user_vectors, items, targets, histories, [1, 5], torch.device("cpu"), bonus,
+    return train.evaluation.evaluate.rank_in_shares(user_vectors, items, targets, histories, [1, 5], torch.device("cpu"), bonus,
                                       parts=True)
 
 
@@ -41,16 +41,16 @@ def shared_ranking(rank: int, world_size: int, users: int) -> dict[str, Any]:
 def test_ranking_split_over_ranks_equals_one_process(world_size: int, users: int) -> None:
     user_vectors, items, targets, histories, bonus = ranking_case(users)
     expected = rank_catalog(user_vectors, items, targets, histories, [1, 5], user_chunk=2, bonus=bonus, parts=True)
-    assert train.evaluate.numbers(expected) != [0.0] * len(train.evaluate.numbers(expected))
+    assert train.evaluation.evaluate.numbers(expected) != [0.0] * len(train.evaluation.evaluate.numbers(expected))
     for got in run_ranks(shared_ranking, world_size, users):
         assert got.keys() == expected.keys()
-        assert train.evaluate.numbers(got) == pytest.approx(train.evaluate.numbers(expected), abs=1e-12)
+        assert train.evaluation.evaluate.numbers(got) == pytest.approx(train.evaluation.evaluate.numbers(expected), abs=1e-12)
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from train.distributed import from_environment
-    from train.trainer import Trainer
+    from train.loop.recipe import Trainer
 
     tmp = tmp_path_factory.mktemp("validation")
     config = load_config(None, [
@@ -68,20 +68,20 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def test_popularity_is_ranked_once_a_split(trainer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     ranked: list[int] = []
-    real = train.evaluate.popularity
+    real = train.evaluation.evaluate.popularity
 
     def counted(*args: Any) -> dict[str, Any]:
         ranked.append(1)
         return real(*args)
 
-    monkeypatch.setattr(train.evaluate, "popularity", counted)
+    monkeypatch.setattr(train.evaluation.evaluate, "popularity", counted)
     first = trainer.evaluate("valid", show_progress=False)
     again = trainer.evaluate("valid", show_progress=False)
     assert len(ranked) == 1  # the second validation reused the first's baseline
     test = trainer.evaluate("test", show_progress=False)
     assert len(ranked) == 2  # another split, another baseline
     assert again == first  # same model, same figures: the reused baseline is reported as it was
-    fresh = train.evaluate.evaluate(trainer.encoder, trainer.prompts, trainer.config, trainer.dist.device, "test",
+    fresh = train.evaluation.evaluate.evaluate(trainer.encoder, trainer.collator, trainer.config, trainer.dist.device, "test",
                                     False)
     assert fresh == test  # nothing cached changes what an evaluation from scratch reports
     assert {"encoder", "transitions"} <= set(test)

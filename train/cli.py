@@ -1,4 +1,5 @@
-"""`rectrain <prepare|train|eval> CONFIG [key.sub=value ...]` — the thin entry point."""
+"""`rectrain <prepare|train|eval> CONFIG [key.sub=value ...]` — the thin entry point: parse, load the
+config, read the distributed state, hand over to the command's recipe."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import os
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import torch.distributed
 
-from train.config import Config
-from train.config_io import describe_keys, load_config
+from train.config.schema import Config
+from train.config.io import describe_keys, load_config
+from train.distributed import DistState, from_environment
 from train.errors import UserError
 
 DESCRIPTION = """\
@@ -45,7 +46,9 @@ COMMANDS = {
               "resume=auto continues from the newest checkpoint in output_dir."),
     "eval": ("re-evaluate a trained run directory",
              "Loads the newest checkpoint of output_dir (or the one `resume` names), ranks the full\n"
-             "catalog for eval.split, writes output_dir/metrics.json and prints the table."),
+             "catalog for eval.split, writes output_dir/metrics.json and prints the table. Under a\n"
+             "launcher (torchrun --no-python rectrain eval ..., srun) each process encodes and ranks its\n"
+             "share of the catalog and users; rank 0 prints and writes the summed figures once."),
 }
 
 
@@ -77,49 +80,42 @@ def _setup_logging(is_main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(command: str, config: Config) -> int:
-    from train import distributed
+def prepare(config: Config, dist_state: DistState) -> None:
+    from train.data.prepare.run import prepare as prepare_data
 
-    dist = distributed.from_environment(config.device)
-    _setup_logging(dist.is_main)
     started = time.perf_counter()
-    if command == "prepare":
-        from train.prepare import prepare
+    manifest = prepare_data(config, show_progress=dist_state.is_main)
+    counts = manifest["counts"]
+    print(f"prepared {config.data.dir}: {counts['users']} users, {counts['items']} items, "
+          f"{counts['train_samples']} training samples in {len(manifest['shards'])} shards, "
+          f"{counts['test_users']} test users ({time.perf_counter() - started:.1f}s)")
 
-        manifest = prepare(config, show_progress=dist.is_main)
-        counts = manifest["counts"]
-        print(f"prepared {config.data.dir}: {counts['users']} users, {counts['items']} items, "
-              f"{counts['train_samples']} training samples in {len(manifest['shards'])} shards, "
-              f"{counts['test_users']} test users ({time.perf_counter() - started:.1f}s)")
-        return 0
-    from train.trainer import Trainer
 
-    trainer = Trainer(config, dist)
+def train(config: Config, dist_state: DistState) -> None:
+    from train.loop.recipe import Trainer
+
+    trainer = Trainer(config, dist_state)
     try:
-        if command == "train":
-            trainer.setup()
-            if trainer.train() is None:
-                if dist.is_main:
-                    print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
-                return 0
-        else:
-            trainer.setup_data()
-            trainer.setup_model()
-            from train import checkpoint
-            from train.evaluate import format_table
-            from train.trainer import write_json_atomic
-
-            path = checkpoint.resolve(config.resume if config.resume != "never" else "auto", Path(config.output_dir))
-            if path is None:
-                raise UserError(f"output_dir: {config.output_dir} holds no checkpoint; run rectrain train first")
-            checkpoint.load_weights(path, trainer.encoder)
-            metrics = trainer.evaluate()
-            metrics["checkpoint"] = str(path)
-            write_json_atomic(Path(config.output_dir) / "metrics.json", metrics)
-            print(format_table(metrics, config.eval.k))
+        trainer.setup()
+        if trainer.train() is None and dist_state.is_main:
+            print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
     finally:
         trainer.close()
-    if dist.is_main:
+
+
+def evaluate(config: Config, dist_state: DistState) -> None:
+    from train.evaluation.recipe import evaluate_run
+
+    evaluate_run(config, dist_state)
+
+
+RECIPES = {"prepare": prepare, "train": train, "eval": evaluate}
+
+
+def run(command: str, config: Config, dist_state: DistState) -> int:
+    started = time.perf_counter()
+    RECIPES[command](config, dist_state)
+    if dist_state.is_main and command != "prepare":
         print(f"{command} finished in {time.perf_counter() - started:.1f}s; run directory: {config.output_dir}")
     return 0
 
@@ -127,9 +123,12 @@ def run(command: str, config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dist_state: DistState | None = None
     try:
         config = load_config(args.config, args.overrides)
-        return run(args.command, config)
+        dist_state = from_environment(config.device)
+        _setup_logging(dist_state.is_main)
+        return run(args.command, config, dist_state)
     except UserError as err:
         print(f"rectrain: error: {err}", file=sys.stderr)
         return 2
@@ -140,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         # A peer died or hung: say so in one line instead of a wall of C++ frames; the launcher
         # (torchrun, srun --kill-on-bad-exit) reports which rank failed first.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"rectrain: error: rank {os.environ.get('RANK', '?')}: a collective failed, another rank died or hung: "
-              f"{first}", file=sys.stderr)
+        rank = dist_state.rank if dist_state is not None else "?"
+        print(f"rectrain: error: rank {rank}: a collective failed, another rank died or hung: {first}", file=sys.stderr)
         return 1
 
 

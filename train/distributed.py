@@ -1,16 +1,24 @@
-"""Distributed state, read from the launcher's environment in this one place.
+"""Distributed state, read from the launcher's environment in this one place, and the few
+process-group helpers everything else shares (joining the group, the barrier, each process's
+share of some rows, and "did any process ask for this").
 
 torchrun and DeepSpeed set RANK/WORLD_SIZE/LOCAL_RANK; Slurm's srun sets SLURM_PROCID/
 SLURM_NTASKS/SLURM_LOCALID; Open MPI sets OMPI_COMM_WORLD_*. Nothing else in rectrain reads
 these variables: everything asks for the `DistState` record.
+
+The word "rank" here means a process; ranking items is train/evaluation/ranking.py's.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+
+from model.gather import world
 
 _SOURCES = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -74,3 +82,49 @@ def from_environment(device: str = "auto", environ: dict[str, str] | None = None
                 os.environ.setdefault("LOCAL_RANK", str(local))
             return DistState(rank, local, size, _pick_device(device, local), launcher(env))
     return DistState(0, 0, 1, _pick_device(device, 0), launcher(env))
+
+
+def init_process_group(dist_state: DistState, timeout_s: int) -> None:
+    """Join the default process group (env:// rendezvous) when launched with several processes."""
+    if dist_state.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if dist_state.device.type == "cuda" else "gloo"
+    if dist_state.device.type == "cuda":
+        torch.cuda.set_device(dist_state.device)
+    dist.init_process_group(backend, rank=dist_state.rank, world_size=dist_state.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def close_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def share(count: int) -> range:
+    """This process's contiguous share of `count` rows, ceil(count / processes) long; on the last
+    processes it may run past `count`."""
+    index, size = world(None)
+    per_process = -(-count // size)
+    return range(index * per_process, (index + 1) * per_process)
+
+
+def even_share(count: int) -> list[int]:
+    """This process's share of `count` rows: the same number on every process (the last row
+    repeated), so every process runs the same number of forward passes: ZeRO-3 gathers weights
+    inside each forward and would hang on a process that ran one fewer."""
+    return [min(i, count - 1) for i in share(count)]
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any process: a decision every process must take together (to stop
+    at the same step, to skip the same step)."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

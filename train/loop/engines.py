@@ -1,6 +1,6 @@
 """Training engines: plain, DDP, Accelerate and DeepSpeed behind one small interface.
 
-The trainer calls `encode`, `backward`, `step`, `save_state`/`load_state` and never touches an
+The step calls `forward`, `backward`, `step`, the recipe `save_state`/`load_state`; neither touches an
 engine's own objects, so the step — and the loss, gathered over the default process group —
 is the same code under every engine (the gradient proof of the loss holds for each).
 
@@ -15,49 +15,21 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from model.encoder import RecEncoder
-from model.objective import Objective
-from train.config import Config
+from model.rec_model import RecModel
+from train.config.schema import Config
 from train.distributed import DistState
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class RecModel(nn.Module):
-    """Encoder + objective: every trainable parameter (the temperature included) in one module,
-    whose forward is the encoder's, so DDP and DeepSpeed see each encoding call."""
-
-    def __init__(self, encoder: RecEncoder, objective: Objective) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.objective = objective
-
-    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
-                user: bool = False, item_sequence: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(input_ids, attention_mask, every_position, user, item_sequence)
-
-
-def init_process_group(dist_state: DistState, timeout_s: int) -> None:
-    """Join the default process group (env:// rendezvous) when launched with several ranks."""
-    if dist_state.world_size == 1 or dist.is_initialized():
-        return
-    backend = "nccl" if dist_state.device.type == "cuda" else "gloo"
-    if dist_state.device.type == "cuda":
-        torch.cuda.set_device(dist_state.device)
-    dist.init_process_group(backend, rank=dist_state.rank, world_size=dist_state.world_size,
-                            timeout=timedelta(seconds=timeout_s))
 
 
 class Engine:
@@ -86,11 +58,12 @@ class Engine:
         self.wrapped: nn.Module = model
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the forward runs in reduced precision (train.precision) around the wrapped model."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=AUTOCAST[self.precision])
 
-    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
         """The wrapped model's forward: [B, D] embeddings (and [B, T, D] with every_position); users
         from `item_sequence` through the user tower."""
@@ -169,9 +142,8 @@ class AccelerateEngine(Engine):
         # The schedule stays ours: Accelerate's wrapper would advance it once per process per step.
         self.wrapped, self.optimizer = self.accelerator.prepare(model, self.optimizer)
 
-    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
-               user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
-        return self.wrapped(input_ids, attention_mask, every_position, user, item_sequence)
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # the prepared model casts itself (mixed_precision)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -225,9 +197,8 @@ class DeepSpeedEngine(Engine):
             model_parameters=self.trainable(model))
         self.wrapped = self.engine
 
-    def encode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
-               user: bool = False, item_sequence: torch.Tensor | None = None) -> Any:
-        return self.engine(input_ids, attention_mask, every_position, user, item_sequence)
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # DeepSpeed runs the module in its bf16/fp16 weights itself
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

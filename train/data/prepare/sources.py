@@ -4,7 +4,7 @@ chunk at a time in file order, mapped to catalog indices, filtered and spilled t
 The log is never held whole for csv, tsv, atomic, parquet and jsonl files: each chunk is
 checked, its items looked up in the catalog (which is held whole), its unknown items and low
 ratings dropped, and what is left appended to a `partition.LogSpill`. The named formats
-(train.formats) and the synthetic log are built whole by their readers, then go through the
+(train.data.prepare.formats) and the synthetic log are built whole by their readers, then go through the
 same chunks. Rows keep their place in the file, both for messages ("file line N", right in any
 chunk) and to break ties of time.
 """
@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from train import formats, readers, synthetic
-from train.config import Config
+from train.config.schema import Config
+from train.data.prepare import formats, readers, synthetic
+from train.data.prepare.partition import LogSpill
 from train.errors import UserError
-from train.partition import LogSpill
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from train.config import SyntheticConfig
+from train.config.data import SyntheticConfig
 
 _CATEGORIES = ["camera", "guitar", "novel", "sneaker", "coffee", "tent", "lamp", "puzzle", "kettle",
                "jacket", "drone", "violin", "backpack", "candle", "helmet", "blender"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from train.shards import gather
+from train.data.prepare.shards import gather
 
 _ROUNDS = 6  # Feistel rounds; four already make a pseudo-random permutation (Luby-Rackoff)
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from model.encoder import RecEncoder
+from model.objective import Objective
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def trainer_state(step: int, batches_consumed: int, objective: Objective, catalog_embeddings: torch.Tensor | None,
+                  world_size: int) -> dict[str, Any]:
+    """The trainer's part of a checkpoint (every rank calls it: each rank's RNG state is kept)."""
+    rng = rng_state()
+    ranks_rng = [rng] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(ranks_rng, rng)
+    return {"step": step, "batches_consumed": batches_consumed, "rng": ranks_rng,
+            "objective": objective.state_dict(), "objective_calls": objective.calls,
+            # The stale negatives in use, so that a resumed run takes exactly the same steps.
+            "catalog_embeddings": None if catalog_embeddings is None else catalog_embeddings.cpu()}
 
 
 def staging(run_dir: Path, step: int) -> Path:

@@ -1,61 +1,19 @@
-"""Samples of ids -> prompts -> token tensors, padded for the pooling in use."""
+"""Samples of ids -> prompts -> token tensors, padded for the pooling in use: the collator."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
 import random
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from model.augment import MASKED, augment
-from model.prompts import render_item, render_user, template_fields
-from train.config import AugmentConfig, PromptConfig
-from train.errors import UserError
-
-
-ITEM_TOKEN = "item_token"
-
-
-def item_token(index: int) -> str:
-    """The token of catalog item `index` (model.item_tokens)."""
-    return f"<item{index}>"
-
-
-class Catalog:
-    """Item texts by catalog index, read from `catalog.parquet` (Arrow, memory-mapped)."""
-
-    def __init__(self, path: str | Path, item_template: str, history_item_template: str = "",
-                 item_tokens: bool = False) -> None:
-        self.table = pq.read_table(path, memory_map=True)
-        self.templates = {"item": item_template, "history": history_item_template or item_template}
-        for key, template in (("prompt.item_template", item_template), ("prompt.history_item_template",
-                                                                        history_item_template)):
-            for name in template_fields(template):
-                if name == ITEM_TOKEN and not item_tokens:
-                    raise UserError(f"{key}: {{{ITEM_TOKEN}}} needs model.item_tokens=true")
-                if name != ITEM_TOKEN and name not in self.table.column_names:
-                    text_fields = [c for c in self.table.column_names if c not in ("item_index", "train_count")]
-                    raise UserError(f"{key}: unknown field {{{name}}} (catalog fields: {', '.join(text_fields)})")
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def texts(self, indices: Sequence[int], role: str = "item") -> list[str]:
-        """Rendered texts of items `indices`, as targets (role "item") or inside a history ("history")."""
-        template = self.templates[role]
-        fields = [f for f in template_fields(template) if f != ITEM_TOKEN]
-        # A table of no columns has no rows: a template of {item_token} alone needs no lookup.
-        rows = self.table.select(fields).take(list(indices)).to_pylist() if fields else [{} for _ in indices]
-        return [render_item(template, {**row, ITEM_TOKEN: item_token(index)}) for row, index in zip(rows, indices)]
-
-    def train_counts(self) -> torch.Tensor:
-        return torch.from_numpy(self.table.column("train_count").to_numpy().copy())
+from model.prompts import render_user
+from train.config.schema import AugmentConfig, PromptConfig
+from train.data.catalog import Catalog
 
 
 def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +37,9 @@ def history_tensor(histories: Sequence[Sequence[int]]) -> torch.Tensor:
     return history
 
 
-class PromptEncoder:
-    """Renders and tokenizes user and item prompts; one instance serves training and evaluation."""
+class PromptCollator:
+    """Renders and tokenizes user and item prompts into batches; one instance serves training
+    (as the loader's collate function) and evaluation (its `item_tokens`, `user_tokens`, `pad`)."""
 
     def __init__(self, catalog: Catalog, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, padding_side: str,
                  views: AugmentConfig | None = None, seed: int = 0, history_negatives: int = 0,

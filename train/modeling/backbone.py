@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel
 
 from model.encoder import RecEncoder
 from model.user_tower import UserTower
-from train.config import ModelConfig
+from train.config.schema import ModelConfig
 from train.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

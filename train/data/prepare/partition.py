@@ -99,7 +99,7 @@ class Partition:
 
 @dataclass
 class DiskCorePart:
-    """A partition as a train.filters.CorePart: its codes, computed once, kept beside it as .npy
+    """A partition as a train.data.prepare.filters.CorePart: its codes, computed once, kept beside it as .npy
     and loaded a round at a time (loaded, not memory-mapped: mapped pages would stay resident)."""
 
     partition: Partition

@@ -18,7 +18,7 @@ Only the training part of each sequence is counted (the validation split's histo
 before the validation target), so neither held-out target is ever seen. Each item keeps its
 `max_successors` highest counts, which bounds the table at catalog scale. The prior is sparse per
 user (at most recent x max_successors items), so ranking stays exact and blockwise
-(`train.ranking.rank_sums(bonus=...)`).
+(`train.evaluation.ranking.rank_sums(bonus=...)`).
 """
 
 from __future__ import annotations

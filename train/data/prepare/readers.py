@@ -1,5 +1,5 @@
 """Readers of raw interaction logs and item catalogs: CSV, TSV, Parquet, JSON lines, RecBole atomic
-(named dataset layouts, MovieLens, Amazon, UniSRec, are in train.formats).
+(named dataset layouts, MovieLens, Amazon, UniSRec, are in train.data.prepare.formats).
 
 Every reader returns an Arrow table holding just the requested columns, ids as strings (so
 "007" stays "007"), and raises `UserError` naming the file and column or line on bad input.

@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from train.config import Config, _check
+from train.config.fields import check
+from train.config.schema import Config
 from train.errors import UserError
 
 
@@ -37,14 +38,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = parse_override(f"{value.key}={value.text}")[1]
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return _build(typing.cast(type, tp), value, key + ".")
     if origin is list:
         (inner,) = typing.get_args(tp)
-        _check(isinstance(value, list), key, f"expected a list of {_describe(inner)}, got {value!r}")
+        check(isinstance(value, list), key, f"expected a list of {_describe(inner)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return {k: parse_override(f"{v.key}={v.text}")[1] if isinstance(v, CommandLineValue) else v
                 for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
@@ -61,7 +62,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `data.dir=2024` is a directory name, not a number
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    _check(ok, key, f"expected {_describe(tp)}, got {value!r}")
+    check(ok, key, f"expected {_describe(tp)}, got {value!r}")
     return value
 
 

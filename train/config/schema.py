@@ -1,118 +1,16 @@
 """The typed run configuration: dataclasses with a one-line doc per field and checks in
-`__post_init__`. A YAML recipe is an instance of `Config` (read by train.config_io); every key
+`__post_init__`. A YAML recipe is an instance of `Config` (read by train.config.io); every key
 is checked before any work starts, so a typo or an impossible value fails in a second with the
-key's name, not an hour into a run.
+key's name, not an hour into a run. The `data` section is in train/config/data.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from train.errors import UserError
-
-
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line description (shown by `--help`)."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: type(d)(d)) if isinstance(default, (list, dict)) else type(default)
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise UserError(f"{key}: {message}")
-
-
-def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
-
-
-DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic", "movielens", "amazon", "unisrec")
-
-
-@dataclass
-class SyntheticConfig:
-    """Generator of a behaviour log with planted structure (used when data.format=synthetic)."""
-
-    num_users: int = doc(2000, "users to generate")
-    num_items: int = doc(400, "catalog size")
-    num_categories: int = doc(8, "item categories; each user prefers one or two of them")
-    num_brands: int = doc(10, "brands; each user also leans towards a few brands")
-    min_length: int = doc(6, "shortest user sequence")
-    max_length: int = doc(24, "longest user sequence")
-    taste_strength: float = doc(0.9, "probability that a step follows the user's tastes")
-    popularity_skew: float = doc(1.0, "Zipf exponent of item popularity")
-
-    def __post_init__(self) -> None:
-        for name in ("num_users", "num_items", "num_categories", "num_brands"):
-            _check(getattr(self, name) >= 1, f"data.synthetic.{name}", "must be >= 1")
-        _check(self.min_length >= 1, "data.synthetic.min_length", "must be >= 1")
-        _check(self.max_length >= self.min_length, "data.synthetic.max_length", "must be >= min_length")
-        _check(0.0 <= self.taste_strength <= 1.0, "data.synthetic.taste_strength", "must be in [0, 1]")
-        _check(self.popularity_skew >= 0.0, "data.synthetic.popularity_skew", "must be >= 0")
-
-
-@dataclass
-class InteractionColumns:
-    """Column names in the interaction log."""
-
-    user: str = doc("user_id", "user id column")
-    item: str = doc("item_id", "item id column")
-    timestamp: str = doc("timestamp", "time column (numeric, or ISO-8601 text)")
-    rating: str = doc("rating", "rating column, read only when data.min_rating is set")
-
-
-@dataclass
-class CatalogColumns:
-    """Column names in the item catalog."""
-
-    item: str = doc("item_id", "item id column")
-    text: list[str] = doc(["title"], "text fields copied into catalog.parquet for the prompts")
-
-
-@dataclass
-class DataConfig:
-    """Where the data comes from, how it is prepared and how it is streamed."""
-
-    dir: str = doc("data/debug", "prepared data directory (shards, catalog, splits, manifest)")
-    shards: str = doc("", "training shard URLs overriding the manifest's: paths, brace patterns, pipe: commands")
-    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole) | movielens "
-                                   "(100K, 1M/10M, latest; detected) | amazon (2018, 2023; detected) | unisrec")
-    interactions: str = doc("", "interaction log file (any format but synthetic)")
-    catalog: str = doc("", "item catalog file (any format but synthetic)")
-    min_rating: float = doc(float("-inf"), "keep only interactions rated at least this (needs ratings); "
-                                           "-.inf = keep all")
-    k_core: int = doc(0, "k-core: drop users and items with fewer than k interactions, repeatedly, until all "
-                         "left have k (catalog items outside the core go too); 0 = off")
-    columns: InteractionColumns = doc(InteractionColumns(), "interaction column names (the named formats, "
-                                                            "movielens, amazon, unisrec, have their own)")
-    catalog_columns: CatalogColumns = doc(CatalogColumns(), "catalog column names")
-    max_history: int = doc(20, "most recent items kept as a training sample's history")
-    unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
-    shard_size: int = doc(10000, "training samples per WebDataset shard")
-    num_workers: int = doc(1, "DataLoader worker processes per rank (0 = in the main process)")
-    shuffle_buffer: int = doc(2000, "samples held in the streaming shuffle buffer")
-    synthetic: SyntheticConfig = doc(SyntheticConfig(), "synthetic generator settings")
-
-    def __post_init__(self) -> None:
-        _one_of(self.format, "data.format", DATA_FORMATS)
-        _one_of(self.unknown_items, "data.unknown_items", ("drop", "fail"))
-        if self.format != "synthetic":
-            _check(bool(self.interactions), "data.interactions", f"required when data.format={self.format}")
-            _check(bool(self.catalog), "data.catalog", f"required when data.format={self.format}")
-        _check(self.min_rating == self.min_rating,  # NaN is the one float unequal to itself
-               "data.min_rating", "must be a number or -.inf (got .nan)")
-        _check(not (self.format == "synthetic" and self.min_rating > float("-inf")), "data.min_rating",
-               "the synthetic log has no ratings")
-        _check(self.k_core >= 0, "data.k_core", "must be >= 0 (0 = off)")
-        _check(self.max_history >= 1, "data.max_history", "must be >= 1")
-        _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-        _check(bool(self.catalog_columns.text), "data.catalog_columns.text", "name at least one text field")
+from train.config.data import DataConfig
+from train.config.fields import check, doc, one_of
 
 
 @dataclass
@@ -132,9 +30,9 @@ class PromptConfig:
     mask_text: str = doc("[masked]", "text of a history item hidden by the mask augmentation")
 
     def __post_init__(self) -> None:
-        _check("{history}" in self.user_template, "prompt.user_template", "must contain {history}")
-        _check(self.max_user_tokens >= 4, "prompt.max_user_tokens", "must be >= 4")
-        _check(self.max_item_tokens >= 2, "prompt.max_item_tokens", "must be >= 2")
+        check("{history}" in self.user_template, "prompt.user_template", "must contain {history}")
+        check(self.max_user_tokens >= 4, "prompt.max_user_tokens", "must be >= 4")
+        check(self.max_item_tokens >= 2, "prompt.max_item_tokens", "must be >= 2")
 
 
 @dataclass
@@ -149,10 +47,10 @@ class LoraSettings:
     modules_to_save: list[str] = doc([], "modules trained in full besides the adapters (e.g. embed_tokens)")
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "model.lora.r", "must be >= 1")
-        _check(self.alpha >= 1, "model.lora.alpha", "must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
-        _check(bool(self.target_modules), "model.lora.target_modules", "name at least one module")
+        check(self.r >= 1, "model.lora.r", "must be >= 1")
+        check(self.alpha >= 1, "model.lora.alpha", "must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+        check(bool(self.target_modules), "model.lora.target_modules", "name at least one module")
 
 
 @dataclass
@@ -191,21 +89,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
-            _check(bool(self.architecture.get("model_type")), "model.architecture.model_type",
+            check(bool(self.architecture.get("model_type")), "model.architecture.model_type",
                    "required when model.name_or_path is empty")
-        _one_of(self.pooling, "model.pooling", ("last", "mean"))
-        _one_of(self.padding_side, "model.padding_side", ("left", "right"))
-        _one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
-        _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
-        _check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
-        _check(not self.user_projection or self.projection_dim > 0, "model.user_projection", "needs model.projection_dim > 0")
-        _check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
-        _one_of(self.user_encoder, "model.user_encoder", ("text", "items"))
-        _check(self.user_encoder == "text" or bool(self.user_tower.get("model_type")), "model.user_tower.model_type",
+        one_of(self.pooling, "model.pooling", ("last", "mean"))
+        one_of(self.padding_side, "model.padding_side", ("left", "right"))
+        one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+        one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        check(self.projection_dim >= 0, "model.projection_dim", "must be >= 0")
+        check(not self.user_projection or self.projection_dim > 0, "model.user_projection", "needs model.projection_dim > 0")
+        check(self.tokenizer_vocab_size >= 64, "model.tokenizer_vocab_size", "must be >= 64")
+        one_of(self.user_encoder, "model.user_encoder", ("text", "items"))
+        check(self.user_encoder == "text" or bool(self.user_tower.get("model_type")), "model.user_tower.model_type",
                "required with model.user_encoder=items")
-        _check(not (self.user_encoder == "items" and self.user_projection), "model.user_projection",
+        check(not (self.user_encoder == "items" and self.user_projection), "model.user_projection",
                "applies to user_encoder=text (the user tower maps users itself)")
-        _check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
+        check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -227,19 +125,19 @@ class TrainConfig:
     collective_timeout: int = doc(600, "seconds a rank waits in a collective before giving up (dead peer)")
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
-        _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (in-batch negatives need a batch)")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
-        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-        _check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
-        _one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
-        _check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
+        check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (in-batch negatives need a batch)")
+        check(self.lr > 0, "train.lr", "must be > 0")
+        one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
+        one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
+        check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
 
 
 @dataclass
@@ -252,7 +150,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for name in ("crop", "mask", "reorder"):
-            _check(0.0 < getattr(self, name) <= 1.0, f"loss.augment.{name}", "must be in (0, 1]")
+            check(0.0 < getattr(self, name) <= 1.0, f"loss.augment.{name}", "must be in (0, 1]")
 
 
 @dataclass
@@ -286,29 +184,29 @@ class LossConfig:
     augment: AugmentConfig = doc(AugmentConfig(), "augmentations of the user-user term")
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "loss.kind", ("infonce", "symmetric", "triplet", "pairwise"))
-        _one_of(self.triplet_negative, "loss.triplet_negative", ("hardest", "random"))
-        _one_of(self.negatives, "loss.negatives", ("batch", "catalog", "batch+catalog"))
-        _check(self.catalog_refresh_every >= 1, "loss.catalog_refresh_every", "must be >= 1")
-        _check(self.history_positions >= 0, "loss.history_positions", "must be >= 0")
-        _check(self.history_negatives >= 0, "loss.history_negatives", "must be >= 0")
-        _check(not self.history_negatives or (self.kind == "infonce" and self.negatives != "catalog"),
+        one_of(self.kind, "loss.kind", ("infonce", "symmetric", "triplet", "pairwise"))
+        one_of(self.triplet_negative, "loss.triplet_negative", ("hardest", "random"))
+        one_of(self.negatives, "loss.negatives", ("batch", "catalog", "batch+catalog"))
+        check(self.catalog_refresh_every >= 1, "loss.catalog_refresh_every", "must be >= 1")
+        check(self.history_positions >= 0, "loss.history_positions", "must be >= 0")
+        check(self.history_negatives >= 0, "loss.history_negatives", "must be >= 0")
+        check(not self.history_negatives or (self.kind == "infonce" and self.negatives != "catalog"),
                "loss.history_negatives", "needs loss.kind=infonce with in-batch negatives")
-        _check(not self.history_negatives or not (self.mask_false_negatives and self.mask_history),
+        check(not self.history_negatives or not (self.mask_false_negatives and self.mask_history),
                "loss.history_negatives", "needs loss.mask_history=false (the history's items would be masked)")
-        _check(self.temperature > 0, "loss.temperature", "must be > 0")
-        _check(0 < self.temperature_min <= self.temperature <= self.temperature_max, "loss.temperature_min",
+        check(self.temperature > 0, "loss.temperature", "must be > 0")
+        check(0 < self.temperature_min <= self.temperature <= self.temperature_max, "loss.temperature_min",
                "need 0 < temperature_min <= temperature <= temperature_max")
-        _check(self.triplet_margin >= 0, "loss.triplet_margin", "must be >= 0")
-        _check(self.user_cl_weight >= 0, "loss.user_cl_weight", "must be >= 0")
-        _check(self.uniformity >= 0, "loss.uniformity", "must be >= 0")
-        _check(not (self.logq and self.kind in ("triplet", "pairwise")), "loss.logq",
+        check(self.triplet_margin >= 0, "loss.triplet_margin", "must be >= 0")
+        check(self.user_cl_weight >= 0, "loss.user_cl_weight", "must be >= 0")
+        check(self.uniformity >= 0, "loss.uniformity", "must be >= 0")
+        check(not (self.logq and self.kind in ("triplet", "pairwise")), "loss.logq",
                f"applies to infonce and symmetric, not {self.kind}")
 
 
 @dataclass
 class TransitionSettings:
-    """The log's item-to-item transitions added to the encoder's scores at ranking (train/transitions.py)."""
+    """The log's item-to-item transitions added to the encoder's scores at ranking (train/evaluation/transitions.py)."""
 
     weight: float = doc(0.0, "weight of log(1 + transition score) added to the encoder's score (cosine units when "
                              "model.normalize); 0 = off")
@@ -319,11 +217,11 @@ class TransitionSettings:
     max_successors: int = doc(200, "successors kept per item, the most frequent (bounds memory at catalog scale)")
 
     def __post_init__(self) -> None:
-        _check(self.weight >= 0, "eval.transitions.weight", "must be >= 0")
+        check(self.weight >= 0, "eval.transitions.weight", "must be >= 0")
         for name in ("window", "recent", "max_successors"):
-            _check(getattr(self, name) >= 1, f"eval.transitions.{name}", "must be >= 1")
-        _check(0 < self.decay <= 1, "eval.transitions.decay", "must be in (0, 1]")
-        _check(self.popularity_power >= 0, "eval.transitions.popularity_power", "must be >= 0")
+            check(getattr(self, name) >= 1, f"eval.transitions.{name}", "must be >= 1")
+        check(0 < self.decay <= 1, "eval.transitions.decay", "must be in (0, 1]")
+        check(self.popularity_power >= 0, "eval.transitions.popularity_power", "must be >= 0")
 
 
 @dataclass
@@ -340,14 +238,14 @@ class EvalConfig:
                                                                 "ranking (off unless weight > 0)")
 
     def __post_init__(self) -> None:
-        _one_of(self.split, "eval.split", ("valid", "test"))
-        _check(bool(self.k) and all(k >= 1 for k in self.k), "eval.k", "must be a non-empty list of ints >= 1")
+        one_of(self.split, "eval.split", ("valid", "test"))
+        check(bool(self.k) and all(k >= 1 for k in self.k), "eval.k", "must be a non-empty list of ints >= 1")
         self.best_metric = self.best_metric or f"ndcg@{self.k[0]}"
         name, _, cutoff = self.best_metric.removeprefix("with_history/").partition("@")
-        _check(name in ("recall", "ndcg", "mrr", "hr") and cutoff.isdigit() and int(cutoff) in self.k,
+        check(name in ("recall", "ndcg", "mrr", "hr") and cutoff.isdigit() and int(cutoff) in self.k,
                "eval.best_metric", f"must be [with_history/]recall|ndcg|mrr|hr@K with K in eval.k={self.k} "
                f"(got {self.best_metric!r})")
-        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
 @dataclass
@@ -358,7 +256,7 @@ class DeepSpeedSettings:
     zero_stage: int = doc(-1, "ZeRO stage 0-3 overriding the JSON's; -1 = as in the JSON")
 
     def __post_init__(self) -> None:
-        _check(-1 <= self.zero_stage <= 3, "deepspeed.zero_stage", "must be -1 (from the JSON) or 0-3")
+        check(-1 <= self.zero_stage <= 3, "deepspeed.zero_stage", "must be -1 (from the JSON) or 0-3")
 
 
 @dataclass
@@ -379,13 +277,13 @@ class Config:
     deepspeed: DeepSpeedSettings = doc(DeepSpeedSettings(), "DeepSpeed settings")
 
     def __post_init__(self) -> None:
-        _one_of(self.device, "device", ("auto", "cpu", "cuda"))
-        _one_of(self.engine, "engine", ("auto", "plain", "ddp", "accelerate", "deepspeed"))
-        _check(not (self.loss.learn_temperature and self.loss.kind == "triplet"), "loss.learn_temperature",
+        one_of(self.device, "device", ("auto", "cpu", "cuda"))
+        one_of(self.engine, "engine", ("auto", "plain", "ddp", "accelerate", "deepspeed"))
+        check(not (self.loss.learn_temperature and self.loss.kind == "triplet"), "loss.learn_temperature",
                "the triplet loss uses no temperature")
         # The state at a history item's token predicts the next item only when it is that item's
         # own token (item_tokens) and the backbone reads left to right (last pooling: a decoder).
-        _check(not self.loss.history_positions or (self.model.item_tokens and self.model.pooling == "last"),
+        check(not self.loss.history_positions or (self.model.item_tokens and self.model.pooling == "last"),
                "loss.history_positions", "needs model.item_tokens=true and model.pooling=last")
         if self.model.user_encoder == "items":
             # The hierarchical objective is next-item prediction at every position of the user
@@ -394,5 +292,5 @@ class Config:
             lc, defaults = self.loss, LossConfig()
             for key in ("kind", "negatives", "history_positions", "history_negatives", "user_cl_weight", "logq",
                         "uniformity"):
-                _check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",
+                check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",
                        f"applies to model.user_encoder=text, not items (leave it at {getattr(defaults, key)!r})")

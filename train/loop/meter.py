@@ -1,0 +1,51 @@
+"""The training meter: loss, samples/s and tokens/s over a window of steps, one metrics.jsonl
+row per window (the main rank writes it) and the progress bar's figures."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from train.loop.step import StepResult
+
+
+class Meter:
+    """Accumulates steps until `log`, which writes their row and starts a new window."""
+
+    def __init__(self, path: Path, is_main: bool) -> None:
+        self.path = path
+        self.is_main = is_main
+        self.restart()
+
+    def restart(self) -> None:
+        """A new window, starting now."""
+        self.start = time.perf_counter()
+        self.samples = self.tokens = self.steps = 0
+        self.loss = 0.0
+
+    def update(self, result: StepResult, loss: float) -> None:
+        self.samples += result.samples
+        self.tokens += result.tokens
+        self.loss += loss
+        self.steps += 1
+
+    def log(self, step: int, lr: float, temperature: float, bar: tqdm) -> dict[str, Any]:
+        """The window's row: the loss is this rank's mean over the window (rank 0 writes)."""
+        elapsed = time.perf_counter() - self.start
+        row = {"step": step, "loss": round(self.loss / self.steps, 6), "lr": lr, "temperature": round(temperature, 5),
+               "samples_per_s": round(self.samples / elapsed, 2), "tokens_per_s": round(self.tokens / elapsed, 1)}
+        self.write(row)
+        if self.is_main:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
+        self.restart()
+        return row
+
+    def write(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl (training windows and validations alike), from the main rank."""
+        if self.is_main:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")

@@ -1,0 +1,146 @@
+"""One optimizer step: embed -> loss on the embeddings -> backward -> optimizer step.
+
+The step is shaped so that gradient caching can replace `embed` with chunked, graph-free
+encoding and a replay, without touching the loss or the engine. Which embeddings a batch gets
+and which loss reads them follow from the config (`model.user_encoder`, the loss's terms),
+never from which keys a batch happens to hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.loss import candidate_columns, distinct_items, next_item_positions
+from model.rec_model import RecModel
+from model.user_tower import sequence_inputs
+from train.config.schema import Config
+from train.data.collate import PromptCollator
+from train.evaluation.encode import encode_sharded, eval_mode
+from train.loop.engines import Engine
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Users as prompts (model.user_encoder=text): one row per user and per item of the batch."""
+
+    query: torch.Tensor  # [B, D] users
+    item: torch.Tensor  # [B (+ history negatives), D] items, positives first
+    states: torch.Tensor | None = None  # [B, T, D] every user token's embedding (loss.history_positions)
+    views: tuple[torch.Tensor, torch.Tensor] | None = None  # two augmented views of each user (loss.user_cl_weight)
+
+
+@dataclass(frozen=True)
+class SequenceEmbeddings:
+    """Users as sequences of items (model.user_encoder=items): the user tower's state at every
+    known position, and the global batch's distinct items as candidates."""
+
+    states: torch.Tensor  # [P, D] the tower's state at each position whose next item is known
+    next_columns: torch.Tensor  # [P] each position's next item, as a column of `candidates`
+    candidates: torch.Tensor  # [C, D] every rank's distinct items, gathered with gradients
+    first: torch.Tensor  # [C] whether a row is its id's first (the one that counts)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did: this rank's loss (detached) and the global batch's size."""
+
+    loss: torch.Tensor
+    samples: int  # users in the global batch
+    tokens: int  # real (unpadded) tokens the global batch fed the backbone
+
+
+class TrainStep:
+    """The step of one run; keeps the catalog's embeddings when the loss needs them."""
+
+    def __init__(self, config: Config, model: RecModel, engine: Engine, collator: PromptCollator,
+                 token_items: torch.Tensor, device: torch.device, world_size: int,
+                 catalog_tokens: Callable[[], list[list[int]]]) -> None:
+        self.config = config
+        self.model = model
+        self.engine = engine
+        self.collator = collator
+        self.token_items = token_items
+        self.device = device
+        self.world_size = world_size
+        self.catalog_tokens = catalog_tokens
+        self.items_mode = config.model.user_encoder == "items"
+        # Every item's embedding (no grad) for catalog negatives and history positions.
+        self.catalog_embeddings: torch.Tensor | None = None
+
+    def __call__(self, batch: Batch, step: int) -> StepResult:
+        """Step `step` (counted from 0) on this rank's part of the global batch."""
+        samples = len(batch["item_ids"]) * self.world_size
+        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) * self.world_size
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.refresh_catalog(step)
+        loss = self.loss(self.embed(batch), batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return StepResult(loss.detach(), samples, tokens)
+
+    def embed(self, batch: Batch) -> TextEmbeddings | SequenceEmbeddings:
+        """User and item embeddings of a batch, with their autograd graphs."""
+        if self.items_mode:
+            return self.embed_item_sequences(batch)
+        objective = self.model.objective
+        states = None
+        if objective.history_positions > 0:
+            query, states = self.engine.forward(batch["user_input_ids"], batch["user_attention_mask"],
+                                                every_position=True, user=True)
+        else:
+            query = self.engine.forward(batch["user_input_ids"], batch["user_attention_mask"], user=True)
+        item = self.engine.forward(batch["item_input_ids"], batch["item_attention_mask"])
+        views = None
+        if objective.user_cl_weight > 0:
+            views = (self.engine.forward(batch["view_a_input_ids"], batch["view_a_attention_mask"], user=True),
+                     self.engine.forward(batch["view_b_input_ids"], batch["view_b_attention_mask"], user=True))
+        return TextEmbeddings(query, item, states, views)
+
+    def embed_item_sequences(self, batch: Batch) -> SequenceEmbeddings:
+        """model.user_encoder=items: each distinct item of the batch embedded once, gathered from
+        every rank; users are the user tower over their items' rows of that gathered matrix, so a
+        history item's gradient reaches its one encoding wherever it was encoded."""
+        local = self.engine.forward(batch["item_input_ids"], batch["item_attention_mask"])
+        candidates, candidate_ids, first = distinct_items(local, batch["batch_item_ids"])
+        sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
+        inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
+        _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=inputs)
+        known = next_ids >= 0
+        return SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
+                                  candidates, first)
+
+    def loss(self, embeddings: TextEmbeddings | SequenceEmbeddings, batch: Batch) -> torch.Tensor:
+        """This rank's share of the global batch's loss (model/loss.py's contract)."""
+        objective = self.model.objective
+        if isinstance(embeddings, SequenceEmbeddings):
+            return objective.next_item(embeddings.states, embeddings.next_columns, embeddings.candidates,
+                                       embeddings.first)
+        positions = None
+        if embeddings.states is not None:
+            positions = (embeddings.states, *next_item_positions(batch["user_input_ids"], batch["user_attention_mask"],
+                                                                 self.token_items, batch["item_ids"]))
+        negatives = None
+        if self.config.loss.history_negatives > 0:
+            negatives = (batch["negative_ids"], batch["negative_logq"])
+        return objective(embeddings.query, embeddings.item, batch["item_ids"], history_ids=batch["history_ids"],
+                         logq=batch["logq"], views=embeddings.views, catalog=self.catalog_embeddings,
+                         positions=positions, negatives=negatives)
+
+    def refresh_catalog(self, step: int) -> None:
+        """Re-encode every item (no grad, sharded over ranks) for a softmax over the whole catalog.
+
+        Between refreshes the catalog is up to catalog_refresh_every steps stale (model/loss.py's
+        catalog_loss says why the positive is stale too)."""
+        stale = self.catalog_embeddings is None or step % self.config.loss.catalog_refresh_every == 0
+        if not self.model.objective.needs_catalog or not stale:
+            return
+        encoder = self.model.encoder
+        with eval_mode(encoder):
+            self.catalog_embeddings = encode_sharded(encoder, self.collator, self.catalog_tokens(),
+                                                     self.config.eval.batch_size, self.device, "encode catalog",
+                                                     False).to(self.device)

@@ -1,0 +1,1 @@
+"""Building the model: backbone + LoRA + heads, the objective, the tokenizer, checkpoints."""

@@ -1,0 +1,1 @@
+"""Serving the trained model (export, index, HTTP): empty until the serving issue."""
