@@ -1,0 +1,137 @@
+"""The prepared data directory: where each part lives, its schema version and manifest, the
+fingerprint of the settings it was prepared from (and why it is stale), and its splits.
+
+    <data.dir>/shards/train-{000000..}.tar   WebDataset, catalog indices only
+              catalog.parquet                item_index, item_id, text fields, train_count
+              splits/{valid,test}.parquet    user_index, user_id, history, target (SPLIT_SCHEMA)
+              manifest.json                  counts, filters, shards, fingerprint, file hashes
+
+prepare writes it (train/data/prepare/), everything else reads it through this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from train.config.schema import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one prepared directory (or of the temporary one prepare fills)."""
+
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def split(self, name: str) -> Path:
+        return self.splits / f"{name}.parquet"
+
+    def shard_urls(self, manifest: dict[str, Any]) -> list[str]:
+        """The training shards the manifest lists (their names are relative to the root)."""
+        return [str(self.root / shard["name"]) for shard in manifest["shards"]]
+
+
+# 2: the shuffle is a seeded Feistel permutation (train.data.prepare.shuffle), not numpy's permutation.
+SCHEMA_VERSION = 2
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The settings a prepared directory depends on; a different fingerprint means re-prepare."""
+    data = config.data
+    fields: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "format": data.format, "max_history": data.max_history,
+        "shard_size": data.shard_size, "seed": config.seed,
+    }
+    if data.format == "synthetic":
+        fields["synthetic"] = asdict(data.synthetic)
+    else:
+        fields.update(columns=asdict(data.columns), catalog_columns=asdict(data.catalog_columns),
+                      unknown_items=data.unknown_items,
+                      files={"interactions": _file_stamp(data.interactions), "catalog": _file_stamp(data.catalog)})
+    # Only when on: a filter left off adds no key (a new SCHEMA_VERSION re-prepares every directory anyway).
+    if data.min_rating > float("-inf"):
+        fields["min_rating"] = data.min_rating
+    if data.k_core:
+        fields["k_core"] = data.k_core
+    return fields
+
+
+def _file_stamp(path: str) -> dict[str, Any]:
+    resolved = Path(path).resolve()
+    stat = resolved.stat() if resolved.is_file() else None
+    return {"path": str(resolved), "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None}
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest of a prepared directory; None when there is none (or it is torn)."""
+    path = Layout(Path(data_dir)).manifest
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_prepared(config: Config) -> bool:
+    return stale_reason(config) is None
+
+
+def stale_reason(config: Config) -> str | None:
+    """Why `config.data.dir` must be prepared (again), for the log; None if it is up to date."""
+    manifest = read_manifest(config.data.dir)
+    if manifest is None:
+        return "not prepared yet"
+    old = manifest.get("fingerprint") or {}
+    new = json.loads(json.dumps(fingerprint(config)))  # as the manifest holds it (tuples as lists)
+    if old == new:
+        return None
+    if old.get("schema_version") != SCHEMA_VERSION:
+        return f"prepared with schema {old.get('schema_version', manifest.get('schema_version'))}, now {SCHEMA_VERSION}"
+    return f"prepared from other settings ({', '.join(_changed_settings(old, new))} changed)"
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The config keys (or input files) whose fingerprint entries differ."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "files":
+            before, after = old.get(key) or {}, new.get(key) or {}
+            changed += [f"the data.{role} file" for role in sorted(set(before) | set(after))
+                        if before.get(role) != after.get(role)]
+        else:
+            changed.append(key if key == "seed" else f"data.{key}")
+    return changed
+
+
+SPLIT_SCHEMA = pa.schema([("user_index", pa.int64()), ("user_id", pa.string()), ("history", pa.list_(pa.int64())),
+                          ("target", pa.int64())])
+
+
+def load_split(data_dir: str | Path, split: str) -> dict[str, Any]:
+    """A split as columns of Python lists: user_index, user_id, history, target."""
+    table = pq.read_table(Layout(Path(data_dir)).split(split))
+    return {name: table.column(name).to_pylist() for name in table.column_names}

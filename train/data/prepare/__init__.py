@@ -1,0 +1,1 @@
+"""`rectrain prepare`: raw interaction log + catalog -> shards, catalog, splits, manifest (run.py is the entry)."""
