@@ -30,7 +30,10 @@ def config(tmp_path: Path, name: str, steps: int = 8) -> Path:
 
 
 def launch(script: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=ENV, capture_output=True,
+    # A port of its own: the launchers' default (29500) may still be held by the previous launch's
+    # store, and an agent that joins a stale store waits for peers that never come.
+    env = {**ENV, "MASTER_PORT": str(free_port())}
+    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
