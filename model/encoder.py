@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layer_cache import check_splittable, decoder_of, run_layers
 from model.pooling import POOLERS, last_token, position_ids
 from model.user_tower import UserTower
 
@@ -20,7 +21,8 @@ class RecEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
-                 user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True) -> None:
+                 user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True,
+                 split: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
@@ -28,25 +30,47 @@ class RecEncoder(nn.Module):
         self.user_projection = nn.Linear(hidden_size, projection_dim, bias=False) if user_projection else None
         self.user_tower = user_tower
         self.normalize = normalize
+        # model.trained_layers: layers below `split` are frozen and their token states cached per
+        # item (model/layer_cache.py); None runs the whole backbone from tokens.
+        self.split = split
+        if split is not None:
+            check_splittable(decoder_of(backbone))
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
-                user: bool = False, item_sequence: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                user: bool = False, item_sequence: torch.Tensor | None = None,
+                lower_states: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[B, D] embeddings; with every_position, also [B, T, D]: each token state made an
         embedding the same way (what a causal backbone knows up to that token). `user`: the
         prompts are users' (their head, when they have one of their own). `item_sequence`
-        [B, T, D]: users as sequences of item embeddings, through the user tower (input_ids unused)."""
+        [B, T, D]: users as sequences of item embeddings, through the user tower (input_ids unused).
+        `lower_states` [B, T, H]: the frozen lower layers' token states (`lower`), so only the
+        layers from `split` up run (input_ids unused)."""
         if item_sequence is not None:
             assert self.user_tower is not None, "item sequences need model.user_encoder=items"
             states = self.user_tower(item_sequence, attention_mask)
             pooled = self.unit(last_token(states, attention_mask))
             return (pooled, self.unit(states)) if every_position else pooled
-        assert input_ids is not None
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False)
-        pooled = self.embed(self.pool(output.last_hidden_state, attention_mask), user)
+        if lower_states is not None:
+            assert self.split is not None, "lower states need model.trained_layers"
+            decoder = decoder_of(self.backbone)
+            last_hidden = run_layers(decoder, lower_states, attention_mask, self.split, len(decoder.layers), True)
+        else:
+            assert input_ids is not None
+            last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        pooled = self.embed(self.pool(last_hidden, attention_mask), user)
         if every_position:
-            return pooled, self.embed(output.last_hidden_state, user)
+            return pooled, self.embed(last_hidden, user)
         return pooled
+
+    @torch.no_grad()
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] token states after the frozen layers below `split` (what `forward` takes as
+        `lower_states`); they never change during training, so each item's are computed once."""
+        assert self.split is not None, "lower states need model.trained_layers"
+        decoder = decoder_of(self.backbone)
+        hidden = decoder.embed_tokens(input_ids)
+        return run_layers(decoder, hidden, attention_mask, 0, self.split, False)
 
     def embed(self, states: torch.Tensor, user: bool = False) -> torch.Tensor:
         head = self.user_projection if user and self.user_projection is not None else self.projection

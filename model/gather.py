@@ -57,3 +57,15 @@ def gather_padded(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, 
     dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
     padded = F.pad(tensor, (0, int(width) - tensor.shape[1]), value=pad)
     return gather_no_grad(padded, group)
+
+
+def gather_ragged(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All ranks' rows of `tensor` in rank order, when ranks hold different numbers of rows; no gradient."""
+    if world(group)[1] == 1:
+        return tensor
+    rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = gather_no_grad(rows, group).tolist()
+    widest = max(counts)
+    padded = F.pad(tensor, (*[0, 0] * (tensor.dim() - 1), 0, widest - tensor.shape[0]))
+    parts = gather_no_grad(padded.contiguous(), group).split(widest)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])

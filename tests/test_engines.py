@@ -36,6 +36,9 @@ def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra:
 ITEMS = ("model.user_encoder=items", "model.user_tower_dropout=0",
          "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
          "num_attention_heads: 2, num_key_value_heads: 2, attention_dropout: 0.0}")
+# ... with LoRA on the top layer of two, the lower one's states cached per item (model.trained_layers).
+CACHED = (*ITEMS, "model.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+          "num_attention_heads: 2, num_key_value_heads: 2}", "model.trained_layers=1")
 
 
 def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]],
@@ -55,7 +58,7 @@ def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tupl
         per_rank = GLOBAL_BATCH // world_size
         losses = []
         for step in range(STEPS):
-            if extra == ITEMS:
+            if "model.user_encoder=items" in extra:
                 local = trainer.collator(samples[step * GLOBAL_BATCH + rank * per_rank:][:per_rank])
             else:
                 global_batch = trainer.collator(samples[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
@@ -76,8 +79,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
-@pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("accelerate", -1), ("deepspeed", 3)])],
-                         ids=["text", "items"])
+@pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("accelerate", -1), ("deepspeed", 3)]),
+                                            (CACHED, [("ddp", -1), ("deepspeed", 3)])],
+                         ids=["text", "items", "items-cached"])
 def test_engines_at_two_ranks_match_one_rank(workdir: Path, extra: tuple[str, ...], engines: list) -> None:
     (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)], extra)
     ref_losses, ref_weights = reference["plain-1"]

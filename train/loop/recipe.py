@@ -73,7 +73,8 @@ class Trainer:
         self.engine: Engine = engine_class(config, self.dist)
         self.engine.build(self.model)
         self.stepper = TrainStep(config, self.model, self.engine, self.collator, self.inputs.token_items,
-                               self.dist.device, self.dist.world_size, self.evaluator.catalog_tokens)
+                               self.dist.device, self.dist.world_size, self.evaluator.catalog_tokens,
+                               self.evaluator.state_cache(self.encoder))
         # Per-rank randomness (LoRA dropout) after identical initialisation.
         torch.manual_seed(config.seed * 1000 + self.dist.rank)
         if self.dist.is_main:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.layer_cache import StateCache
 from model.loss import candidate_columns, distinct_items, next_item_positions
 from model.rec_model import RecModel
 from model.user_tower import sequence_inputs
@@ -59,7 +60,7 @@ class TrainStep:
 
     def __init__(self, config: Config, model: RecModel, engine: Engine, collator: PromptCollator,
                  token_items: torch.Tensor, device: torch.device, world_size: int,
-                 catalog_tokens: Callable[[], list[list[int]]]) -> None:
+                 catalog_tokens: Callable[[], list[list[int]]], state_cache: StateCache | None = None) -> None:
         self.config = config
         self.model = model
         self.engine = engine
@@ -68,6 +69,7 @@ class TrainStep:
         self.device = device
         self.world_size = world_size
         self.catalog_tokens = catalog_tokens
+        self.state_cache = state_cache  # model.trained_layers: the items' frozen lower-layer states
         self.items_mode = config.model.user_encoder == "items"
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
@@ -105,7 +107,11 @@ class TrainStep:
         """model.user_encoder=items: each distinct item of the batch embedded once, gathered from
         every rank; users are the user tower over their items' rows of that gathered matrix, so a
         history item's gradient reaches its one encoding wherever it was encoded."""
-        local = self.engine.forward(batch["item_input_ids"], batch["item_attention_mask"])
+        if self.state_cache is not None:  # only the trained top layers run
+            states, mask = self.state_cache.batch(batch["batch_item_ids"], self.collator.padding_side, self.device)
+            local = self.engine.forward(None, mask, lower_states=states)
+        else:
+            local = self.engine.forward(batch["item_input_ids"], batch["item_attention_mask"])
         candidates, candidate_ids, first = distinct_items(local, batch["batch_item_ids"])
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         inputs = candidates[candidate_columns(sequence, candidate_ids, first)]

@@ -12,6 +12,7 @@ from model.encoder import RecEncoder
 from model.user_tower import UserTower
 from train.config.schema import ModelConfig
 from train.errors import UserError
+from train.modeling import weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,8 +23,8 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
     if config.name_or_path:
         kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         try:
-            return AutoModel.from_pretrained(config.name_or_path, dtype=dtype, attn_implementation=config.attn_implementation,
-                                             **kwargs)
+            return AutoModel.from_pretrained(weights.resolve(config.name_or_path, config.gguf_file), dtype=dtype,
+                                             attn_implementation=config.attn_implementation, **kwargs)
         except OSError as err:
             raise UserError(f"model.name_or_path: cannot load {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
     return random_model(config.architecture, "model.architecture", config, vocab_size, pad_token_id)
@@ -63,11 +64,13 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
     if missing:
         raise UserError(f"model.lora.target_modules: {', '.join(missing)} not in the backbone "
                         f"(it has e.g. {', '.join(sorted(n for n in present if 'proj' in n or 'dense' in n)[:8])})")
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=list(config.lora.target_modules),
-                      modules_to_save=list(config.lora.modules_to_save) or None,
-                      trainable_token_indices=list(trained_tokens) or None)
-    adapted = get_peft_model(backbone, lora)
+    layers = int(getattr(backbone.config, "num_hidden_layers"))
+    split = None
+    if config.trained_layers >= 0:
+        if config.trained_layers > layers:
+            raise UserError(f"model.trained_layers: {config.trained_layers} is more than the backbone's {layers} layers")
+        split = layers - config.trained_layers
+    adapted = _with_lora(backbone, config, trained_tokens, split, layers)
     hidden = int(getattr(backbone.config, "hidden_size"))
     tower = None
     if config.user_encoder == "items":
@@ -76,9 +79,29 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         tower = UserTower(random_model(config.user_tower, "model.user_tower", config, 1, None,
                                        bos_token_id=None, eos_token_id=None),
                           config.projection_dim or hidden, config.user_tower_dropout)
-    encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
-                         config.normalize)
+    try:
+        encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
+                             config.normalize, split)
+    except ValueError as err:
+        raise UserError(f"model.trained_layers: {err}") from None
     for head in (encoder.projection, encoder.user_projection, encoder.user_tower):
         if head is not None:
             head.to(DTYPES[config.dtype])
     return encoder
+
+
+def _with_lora(backbone: torch.nn.Module, config: ModelConfig, trained_tokens: list[int], split: int | None,
+               layers: int) -> torch.nn.Module:
+    """The backbone with LoRA adapters, base weights frozen: on every layer, or on the layers from
+    `split` up (model.trained_layers); with none to train, the frozen backbone itself."""
+    if split == layers:
+        for param in backbone.parameters():
+            param.requires_grad_(False)
+        return backbone
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules),
+                      modules_to_save=list(config.lora.modules_to_save) or None,
+                      trainable_token_indices=list(trained_tokens) or None,
+                      layers_to_transform=None if split is None else list(range(split, layers)),
+                      layers_pattern=None if split is None else "layers")
+    return get_peft_model(backbone, lora)

@@ -62,8 +62,8 @@ def staging(run_dir: Path, step: int) -> Path:
 def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -> None:
     """Adapter (peft, safetensors), projection head, user tower and trainer state into `directory` (rank 0)."""
     backbone = encoder.backbone
-    assert isinstance(backbone, PeftModel)
-    backbone.save_pretrained(str(directory / ADAPTER_DIR))
+    if isinstance(backbone, PeftModel):  # model.trained_layers=0 trains no adapter
+        backbone.save_pretrained(str(directory / ADAPTER_DIR))
     heads = {f"{name}.weight": head.weight.detach().cpu().contiguous()
              for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection))
              if head is not None}
@@ -136,12 +136,16 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
 def load_weights(path: Path, encoder: RecEncoder) -> None:
     """Put a checkpoint's adapter and projection into `encoder` (built with the same config)."""
     backbone = encoder.backbone
-    assert isinstance(backbone, PeftModel)
-    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
-    result: Any = set_peft_model_state_dict(backbone, weights)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
+    adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
+    if isinstance(backbone, PeftModel) and not adapter.is_file():
+        raise UserError(f"{path}: no adapter, but the model config trains one")
+    if not isinstance(backbone, PeftModel) and adapter.is_file():
+        raise UserError(f"{path}: holds an adapter, but model.trained_layers=0 trains none")
+    if isinstance(backbone, PeftModel):
+        result: Any = set_peft_model_state_dict(backbone, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
     if encoder.projection is not None:
         heads = load_file(str(path / HEAD_FILE))
         for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection)):

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from train.config.schema import ModelConfig
+from train.modeling import weights
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def load_or_build(config: ModelConfig, run_tokenizer_dir: Path, corpus: Iterable
     """
     if config.name_or_path:
         kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(weights.resolve(config.name_or_path, config.gguf_file), **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.add_tokens(list(item_tokens), special_tokens=True)
