@@ -72,6 +72,8 @@ def test_all_layers_is_the_default_and_bad_settings_are_refused() -> None:
         load_config(None, ["model.trained_layers=-2"])
     with pytest.raises(UserError, match=r"^model\.trained_layers: cannot train item tokens"):
         load_config(None, ["model.trained_layers=1", "model.user_encoder=items", "model.item_tokens=true"])
+    with pytest.raises(UserError, match=r"^model\.trained_layers: cannot train model\.lora\.modules_to_save"):
+        load_config(None, ["model.trained_layers=1", "model.user_encoder=items", "model.lora.modules_to_save=[embed_tokens]"])
     with pytest.raises(UserError, match=r"^model\.trained_layers: 4 is more than the backbone's 3 layers"):
         tiny_encoder(*THREE_LAYERS, "model.trained_layers=4")
 

@@ -116,6 +116,8 @@ class ModelConfig:
             check(self.user_encoder == "items", "model.trained_layers", "needs model.user_encoder=items")
             check(not self.item_tokens, "model.trained_layers",
                   "cannot train item tokens (their embeddings feed the frozen lower layers)")
+            check(not self.lora.modules_to_save, "model.trained_layers",
+                  "cannot train model.lora.modules_to_save in full (they may feed the frozen lower layers)")
 
 
 @dataclass
