@@ -59,23 +59,21 @@ class StateCache:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch(self, item_ids: torch.Tensor, padding_side: str, device: torch.device,
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, item_ids: torch.Tensor, padding_side: str,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, T, H] states, [B, T] attention mask) of `item_ids`, padded to the longest of them."""
         ids = item_ids.cpu()
         lengths = self.lengths[ids]
         width = int(lengths.max())
-        rows, columns = [], []
-        for row, (item, length) in enumerate(zip(ids.tolist(), lengths.tolist())):
-            start = width - length if padding_side == "left" else 0
-            rows.append(torch.full((length,), row, dtype=torch.long))
-            columns.append(torch.arange(start, start + length))
-        sources = torch.cat([torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in ids.tolist()])
-        row_index, column_index = torch.cat(rows), torch.cat(columns)
-        states = torch.zeros(len(ids), width, self.states.shape[1], dtype=dtype or self.states.dtype)
-        states[row_index, column_index] = self.states[sources].to(states.dtype)
+        # Token k of row r: source row offsets[id_r] + k, column start_r + k.
+        rows = torch.arange(len(ids)).repeat_interleave(lengths)
+        within = torch.arange(int(lengths.sum())) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+        starts = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
+        columns = starts.repeat_interleave(lengths) + within
+        states = torch.zeros(len(ids), width, self.states.shape[1], dtype=self.states.dtype)
+        states[rows, columns] = self.states[self.offsets[ids].repeat_interleave(lengths) + within]
         mask = torch.zeros(len(ids), width, dtype=torch.long)
-        mask[row_index, column_index] = 1
+        mask[rows, columns] = 1
         return states.to(device), mask.to(device)
 
     @staticmethod

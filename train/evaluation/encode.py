@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from model.encoder import RecEncoder
-from model.gather import gather_no_grad, gather_ragged, world
+from model.gather import gather_no_grad, gather_ragged
 from model.layer_cache import StateCache
 from model.user_tower import sequence_inputs
 from train.data.collate import PromptCollator, history_tensor
@@ -58,7 +58,7 @@ def encode_sharded(encoder: RecEncoder, collator: PromptCollator, token_lists: l
                    cache: StateCache | None = None) -> torch.Tensor:
     """`encode` with the rows split over the processes (even_share) and gathered on every one.
     With `cache`, the token lists are the catalog's, item i's at index i."""
-    rows = list(range(len(token_lists))) if world(None)[1] == 1 else even_share(len(token_lists))
+    rows = even_share(len(token_lists))
     local = encode(encoder, collator, [token_lists[i] for i in rows], batch_size, device, desc, show_progress, user,
                    cache, rows)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
@@ -70,17 +70,16 @@ def cache_lower_states(encoder: RecEncoder, collator: PromptCollator, token_list
     """Every catalog item's token states after the frozen lower layers (model.trained_layers),
     computed once: each process encodes its share in length-sorted batches, the packed states
     are gathered on every one and kept in host memory."""
-    rows = list(range(len(token_lists))) if world(None)[1] == 1 else even_share(len(token_lists))
-    mine = [token_lists[i] for i in rows]
+    mine = [token_lists[i] for i in even_share(len(token_lists))]
     order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
     states: list[torch.Tensor] = [torch.empty(0)] * len(mine)
     for begin in tqdm(range(0, len(order), batch_size), desc="cache frozen layers", disable=not show_progress,
                       leave=False):
         chunk = order[begin:begin + batch_size]
         ids, mask = collator.pad([mine[i] for i in chunk])
-        lower = encoder.lower(ids.to(device), mask.to(device))
-        for row, i in enumerate(chunk):
-            states[i] = lower[row][mask[row].bool().to(device)]
+        packed, counts = StateCache.pack(encoder.lower(ids.to(device), mask.to(device)), mask.to(device))
+        for i, item_states in zip(chunk, packed.split(counts.tolist())):
+            states[i] = item_states
     lengths = torch.tensor([len(tokens) for tokens in mine], device=device)
     packed = gather_ragged(torch.cat(states).contiguous())
     lengths = gather_no_grad(lengths)[:len(token_lists)].cpu()

@@ -14,7 +14,7 @@ from typing import Any
 from train.config.schema import Config
 from train.distributed import DistState, close_process_group, init_process_group
 from train.errors import UserError
-from train.evaluation.evaluate import Evaluator
+from train.evaluation.evaluate import evaluate
 from train.evaluation.report import format_table, write_json_atomic
 from train.modeling import checkpoint
 from train.modeling.build import build_model, load_inputs
@@ -34,8 +34,10 @@ def evaluate_run(config: Config, dist_state: DistState) -> dict[str, Any]:
         model = build_model(config, inputs, dist_state.device)
         checkpoint.load_weights(path, model.encoder)
         log.info("evaluating %s on %s, %d process(es)", path, config.eval.split, dist_state.world_size)
-        evaluator = Evaluator(config, inputs.collator, dist_state.device, dist_state.is_main)
-        metrics = evaluator.evaluate(model.encoder)
+        # One evaluation, nothing to keep for a next one: a frozen-layer cache would cost host memory
+        # and a copy, and give the same figures as encoding from tokens.
+        metrics = evaluate(model.encoder, inputs.collator, config, dist_state.device,
+                           show_progress=dist_state.is_main)
         metrics["checkpoint"] = str(path)
         if dist_state.is_main:
             write_json_atomic(run_dir / "metrics.json", metrics)
