@@ -99,8 +99,10 @@ def train(config: Config, dist_state: DistState) -> None:
         trainer.setup()
         if trainer.train() is None and dist_state.is_main:
             print(f"stopped early at step {trainer.step}; checkpoint saved; the same command resumes (resume=auto)")
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
 
 
 def evaluate(config: Config, dist_state: DistState) -> None:

@@ -11,7 +11,9 @@ The word "rank" here means a process; ranking items is train/evaluation/ranking.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from model.gather import world
+
+log = logging.getLogger(__name__)
 
 _SOURCES = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -95,9 +99,32 @@ def init_process_group(dist_state: DistState, timeout_s: int) -> None:
                             timeout=timedelta(seconds=timeout_s))
 
 
-def close_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def close_process_group(timeout_s: float = 60.0, meet: bool = True) -> None:
+    """Leave the default process group, waiting at most `timeout_s`.
+
+    With `meet` (a run that ended normally) the ranks first meet at a barrier, so no rank tears
+    its side down while another still talks to it; a failing rank passes meet=False, its peers
+    may never arrive. The teardown itself runs in a daemon thread because a backend's shutdown can
+    block on a peer that is already gone (seen once at a Slurm job's end), and a finished job
+    must exit rather than hang until the scheduler kills it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    rank = dist.get_rank()
+
+    def teardown() -> None:
+        try:
+            if meet and dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+    closer = threading.Thread(target=teardown, name="rectrain-close-group", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.warning("rank %d: the process group did not close within %.0f s; exiting without it", rank, timeout_s)
+    else:
+        log.debug("rank %d: process group closed", rank)
 
 
 def barrier() -> None:

@@ -42,6 +42,8 @@ def evaluate_run(config: Config, dist_state: DistState) -> dict[str, Any]:
         if dist_state.is_main:
             write_json_atomic(run_dir / "metrics.json", metrics)
             print(format_table(metrics, config.eval.k), flush=True)
-        return metrics
-    finally:
-        close_process_group()
+    except BaseException:
+        close_process_group(meet=False)
+        raise
+    close_process_group()
+    return metrics

@@ -222,7 +222,9 @@ class Trainer:
             self.stepper.catalog_embeddings = state["catalog_embeddings"].to(self.dist.device)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Drop the loader, restore the signal handlers, leave the process group (without
+        waiting for the peers when this rank `failed`)."""
         self.loader = None  # type: ignore[assignment]
         self.guard.restore()
-        close_process_group()
+        close_process_group(meet=not failed)
