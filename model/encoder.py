@@ -22,13 +22,20 @@ class RecEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
                  user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True,
-                 split: int | None = None) -> None:
+                 split: int | None = None, num_items: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
         self.projection = nn.Linear(hidden_size, projection_dim, bias=False) if projection_dim else None
         self.user_projection = nn.Linear(hidden_size, projection_dim, bias=False) if user_projection else None
         self.user_tower = user_tower
+        # model.id_embeddings: one trained vector per catalog item, added to its text embedding.
+        # Zero at first, and only rows of items that occur in training get a gradient, so an item
+        # unseen there keeps its text embedding exactly.
+        self.id_embeddings: nn.Embedding | None = None
+        if num_items:
+            self.id_embeddings = nn.Embedding(num_items, projection_dim or hidden_size)
+            nn.init.zeros_(self.id_embeddings.weight)
         self.normalize = normalize
         # model.trained_layers: layers below `split` are frozen and their token states cached per
         # item (model/layer_cache.py); None runs the whole backbone from tokens.
@@ -38,13 +45,15 @@ class RecEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None,
-                lower_states: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                lower_states: torch.Tensor | None = None,
+                item_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[B, D] embeddings; with every_position, also [B, T, D]: each token state made an
         embedding the same way (what a causal backbone knows up to that token). `user`: the
         prompts are users' (their head, when they have one of their own). `item_sequence`
         [B, T, D]: users as sequences of item embeddings, through the user tower (input_ids unused).
         `lower_states` [B, T, H]: the frozen lower layers' token states (`lower`), so only the
-        layers from `split` up run (input_ids unused)."""
+        layers from `split` up run (input_ids unused). `item_ids` [B]: the items' catalog
+        indices, required for items when there are id embeddings."""
         if item_sequence is not None:
             assert self.user_tower is not None, "item sequences need model.user_encoder=items"
             states = self.user_tower(item_sequence, attention_mask)
@@ -58,7 +67,12 @@ class RecEncoder(nn.Module):
             assert input_ids is not None
             last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        pooled = self.embed(self.pool(last_hidden, attention_mask), user)
+        pooled = self.pool(last_hidden, attention_mask)
+        if self.id_embeddings is not None and not user:
+            assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
+            pooled = self.embed(pooled, ids=item_ids)
+        else:
+            pooled = self.embed(pooled, user)
         if every_position:
             return pooled, self.embed(last_hidden, user)
         return pooled
@@ -72,10 +86,13 @@ class RecEncoder(nn.Module):
         hidden = decoder.embed_tokens(input_ids)
         return run_layers(decoder, hidden, attention_mask, 0, self.split, False)
 
-    def embed(self, states: torch.Tensor, user: bool = False) -> torch.Tensor:
+    def embed(self, states: torch.Tensor, user: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (the user's head for users that have one), plus the items' id vectors, made unit."""
         head = self.user_projection if user and self.user_projection is not None else self.projection
         if head is not None:
             states = head(states.to(head.weight.dtype))
+        if ids is not None and self.id_embeddings is not None:
+            states = states.float() + self.id_embeddings(ids).float()
         return self.unit(states)
 
     def unit(self, vectors: torch.Tensor) -> torch.Tensor:

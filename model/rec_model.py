@@ -20,5 +20,6 @@ class RecModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None,
-                lower_states: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(input_ids, attention_mask, every_position, user, item_sequence, lower_states)
+                lower_states: torch.Tensor | None = None,
+                item_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(input_ids, attention_mask, every_position, user, item_sequence, lower_states, item_ids)

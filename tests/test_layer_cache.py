@@ -106,14 +106,15 @@ def test_a_cached_step_trains_as_the_full_forward_does(tmp_path: Path) -> None:
     assert metrics["ndcg@10"] == pytest.approx(full_metrics["ndcg@10"], abs=1e-6)
 
 
-# K = 0 trains no adapter (the frozen backbone, the projection and the tower): its checkpoints
-# hold none, and a re-evaluation finds the figures training reported.
+# K = 0 trains no adapter (the frozen backbone, the projection, the tower and here the id table):
+# its checkpoints hold none, and a re-evaluation finds the figures training reported.
 @pytest.mark.parametrize("trained", [0, 1])
 def test_train_then_eval_with_frozen_lower_layers(tmp_path: Path, trained: int) -> None:
     from test_cli import rectrain, write_config
 
     config = write_config(tmp_path, "run")
-    extra = ["model.user_encoder=items", f"model.trained_layers={trained}", "train.max_steps=4"]
+    extra = ["model.user_encoder=items", f"model.trained_layers={trained}", "train.max_steps=4",
+             f"model.id_embeddings={trained == 0}"]
     done = rectrain("train", str(config), *extra, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     step = tmp_path / "run" / "checkpoints" / "step-4"
@@ -126,3 +127,6 @@ def test_train_then_eval_with_frozen_lower_layers(tmp_path: Path, trained: int) 
     wrong = rectrain("eval", str(config), "model.user_encoder=items", f"model.trained_layers={1 - trained}",
                      cwd=tmp_path)
     assert wrong.returncode == 2 and "adapter" in wrong.stderr and "Traceback" not in wrong.stderr
+    if trained == 1:  # a checkpoint without an id table, asked for one
+        missing = rectrain("eval", str(config), *extra[:-1], "model.id_embeddings=true", cwd=tmp_path)
+        assert missing.returncode == 2 and "id_embeddings" in missing.stderr and "Traceback" not in missing.stderr

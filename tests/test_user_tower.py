@@ -4,6 +4,7 @@ distinct items, the batch the collator builds, a train step, and the config's ch
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,59 @@ def test_raw_inner_products_keep_the_lengths() -> None:
         lengths[normalize] = torch.cat([items, users]).norm(dim=-1)
     assert torch.allclose(lengths[True], torch.ones(8))
     assert not torch.allclose(lengths[False], torch.ones(8), atol=0.05)
+
+
+def test_id_embeddings_start_at_the_text_and_train_only_the_items_seen(tmp_path: Path) -> None:
+    """model.id_embeddings: at first an item is its text embedding exactly; a step moves the id
+    vectors of the batch's items and leaves every other item's at zero (a cold item keeps its text)."""
+    from train.data.stream import read_shard
+    from train.distributed import from_environment
+    from train.loop.recipe import Trainer
+
+    overrides = [
+        f"output_dir={tmp_path}/run", f"data.dir={tmp_path}/data", "device=cpu", "resume=never", "data.num_workers=0",
+        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
+        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
+        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+        "num_attention_heads: 2, num_key_value_heads: 2}",
+        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+        "num_key_value_heads: 2}", "model.trained_layers=1", "prompt.max_item_tokens=8", "train.batch_size=3",
+        "train.max_steps=2", "train.warmup_steps=0"]
+    with_ids = Trainer(load_config(None, [*overrides, "model.id_embeddings=true"]), from_environment("cpu"))
+    without = Trainer(load_config(None, overrides), from_environment("cpu"))
+    try:
+        with_ids.setup()
+        without.setup()
+        table = with_ids.encoder.id_embeddings
+        assert table is not None and without.encoder.id_embeddings is None and table.weight.shape == (30, 8)
+        metrics, reference = (t.evaluate("valid", show_progress=False) for t in (with_ids, without))
+        assert metrics["ndcg@10"] == reference["ndcg@10"] and metrics["mrr@10"] == reference["mrr@10"]
+        shard = Path(with_ids.config.data.dir) / with_ids.inputs.manifest["shards"][0]["name"]
+        batch = with_ids.collator(list(read_shard(str(shard)))[:3])
+        with_ids.train_step(batch)
+        moved = set(table.weight.detach().abs().sum(dim=1).nonzero().flatten().tolist())
+        assert moved == set(batch["batch_item_ids"].tolist())
+    finally:
+        with_ids.close()
+        without.close()
+
+
+def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # type: ignore[no-untyped-def]
+    """loss.negatives=catalog with items: the step's candidates are the whole catalog, each
+    position's column the row of its next item, and the rows carry gradients (encoded live)."""
+    from train.data.stream import read_shard
+
+    shard = Path(trainer.config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
+    batch = trainer.collator(list(read_shard(str(shard)))[:6])
+    stepper = trainer.stepper
+    saved = stepper.config
+    stepper.config = dataclasses.replace(saved, loss=dataclasses.replace(saved.loss, negatives="catalog"))
+    try:
+        embedded = stepper.embed(batch)
+    finally:
+        stepper.config = saved
+    assert embedded.candidates.shape[0] == len(trainer.collator.catalog) and bool(embedded.first.all())
+    assert embedded.candidates.requires_grad
+    _, _, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
+    # the candidates' rows are the catalog in order, so a column is its item's id
+    assert embedded.next_columns.tolist() == next_ids[next_ids >= 0].tolist()

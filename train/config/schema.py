@@ -91,6 +91,9 @@ class ModelConfig:
                                   "token states computed once per item at start-up and reused by every step and "
                                   "evaluation (exactly the full forward, at K/L of its cost); 0 = the frozen "
                                   "backbone, only the projection and the user tower train")
+    id_embeddings: bool = doc(False, "user_encoder=items: add a trained vector per catalog item (an ID table, "
+                                     "SASRec's collaborative signal) to its text embedding; it starts at zero, so an "
+                                     "item never seen in training is its text alone")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class ModelConfig:
         check(not (self.user_encoder == "items" and self.user_projection), "model.user_projection",
                "applies to user_encoder=text (the user tower maps users itself)")
         check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
+        check(not self.id_embeddings or self.user_encoder == "items", "model.id_embeddings",
+              "needs model.user_encoder=items (with text users, model.item_tokens gives items an id of their own)")
         check(self.trained_layers >= -1, "model.trained_layers", "must be -1 (all) or >= 0")
         if self.trained_layers >= 0:
             # A user prompt is new text at every step: only items have states worth keeping.
@@ -186,8 +191,9 @@ class LossConfig:
     uniformity: float = doc(0.0, "weight of DirectAU's uniformity term on the batch's items (spreads them over the "
                                  "sphere); 0 = off")
     negatives: str = doc("batch", "batch (the global batch's items) | catalog (softmax over every item, embeddings "
-                                  "refreshed every catalog_refresh_every steps; catalogs up to ~1e5 items) | "
-                                  "batch+catalog (the mean of both)")
+                                  "refreshed every catalog_refresh_every steps; catalogs up to ~1e5 items; with "
+                                  "model.user_encoder=items every item is encoded live at each step instead, cheap "
+                                  "with model.trained_layers) | batch+catalog (the mean of both)")
     catalog_refresh_every: int = doc(25, "catalog negatives or history_positions: steps between re-encoding the catalog")
     history_positions: float = doc(0.0, "weight of next-item prediction at every history item of the user prompt "
                                         "(SASRec's training signal: one forward, a softmax over the catalog at each "
@@ -304,7 +310,10 @@ class Config:
             # tower, a softmax over the global batch's distinct items; the in-batch family's
             # options have nothing to act on there.
             lc, defaults = self.loss, LossConfig()
-            for key in ("kind", "negatives", "history_positions", "history_negatives", "user_cl_weight", "logq",
+            check(lc.negatives in ("batch", "catalog"), "loss.negatives",
+                  "with model.user_encoder=items: batch (the global batch's distinct items) or catalog (every "
+                  "item, encoded live at each step)")
+            for key in ("kind", "history_positions", "history_negatives", "user_cl_weight", "logq",
                         "uniformity"):
                 check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",
                        f"applies to model.user_encoder=text, not items (leave it at {getattr(defaults, key)!r})")

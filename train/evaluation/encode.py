@@ -33,19 +33,21 @@ def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list
            device: torch.device, desc: str, show_progress: bool, user: bool = False,
            cache: StateCache | None = None, item_ids: list[int] | None = None) -> torch.Tensor:
     """Embeddings of token lists (users' prompts when `user`), in their order; batches are formed
-    by length to spare padding. With `cache`, items `item_ids` (one per token list) start from
-    their cached lower-layer states instead of their tokens."""
+    by length to spare padding. Items are catalog items `item_ids` (one per token list); with
+    `cache` they start from their cached lower-layer states instead of their tokens."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: torch.Tensor | None = None
     for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = order[begin:begin + batch_size]
+        items = None if user or item_ids is None else torch.tensor([item_ids[i] for i in rows])
         if cache is not None:
-            assert item_ids is not None
-            states, mask = cache.batch(torch.tensor([item_ids[i] for i in rows]), collator.padding_side, device)
-            vectors = encoder(None, mask, lower_states=states).float()
+            assert items is not None
+            states, mask = cache.batch(items, collator.padding_side, device)
+            vectors = encoder(None, mask, lower_states=states, item_ids=items.to(device)).float()
         else:
             ids, mask = collator.pad([token_lists[i] for i in rows])
-            vectors = encoder(ids.to(device), mask.to(device), user=user).float()
+            vectors = encoder(ids.to(device), mask.to(device), user=user,
+                              item_ids=None if items is None else items.to(device)).float()
         if out is None:
             out = torch.empty(len(order), vectors.shape[1], device=device)
         out[torch.tensor(rows, device=device)] = vectors
@@ -57,10 +59,10 @@ def encode_sharded(encoder: RecEncoder, collator: PromptCollator, token_lists: l
                    device: torch.device, desc: str, show_progress: bool, user: bool = False,
                    cache: StateCache | None = None) -> torch.Tensor:
     """`encode` with the rows split over the processes (even_share) and gathered on every one.
-    With `cache`, the token lists are the catalog's, item i's at index i."""
+    Unless `user`, the token lists are the catalog's, item i's at index i."""
     rows = even_share(len(token_lists))
     local = encode(encoder, collator, [token_lists[i] for i in rows], batch_size, device, desc, show_progress, user,
-                   cache, rows)
+                   cache, None if user else rows)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
 
 

@@ -65,11 +65,12 @@ class Engine:
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                user: bool = False, item_sequence: torch.Tensor | None = None,
-               lower_states: torch.Tensor | None = None) -> Any:
+               lower_states: torch.Tensor | None = None, item_ids: torch.Tensor | None = None) -> Any:
         """The wrapped model's forward: [B, D] embeddings (and [B, T, D] with every_position); users
-        from `item_sequence` through the user tower; items from their cached `lower_states`."""
+        from `item_sequence` through the user tower; items from their cached `lower_states`;
+        `item_ids`, the items' catalog indices (model.id_embeddings)."""
         with self.autocast():
-            return self.wrapped(input_ids, attention_mask, every_position, user, item_sequence, lower_states)
+            return self.wrapped(input_ids, attention_mask, every_position, user, item_sequence, lower_states, item_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -19,6 +19,7 @@ from model.rec_model import RecModel
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator
+from train.distributed import even_share
 from train.evaluation.encode import encode_sharded, eval_mode
 from train.loop.engines import Engine
 
@@ -106,13 +107,23 @@ class TrainStep:
     def embed_item_sequences(self, batch: Batch) -> SequenceEmbeddings:
         """model.user_encoder=items: each distinct item of the batch embedded once, gathered from
         every rank; users are the user tower over their items' rows of that gathered matrix, so a
-        history item's gradient reaches its one encoding wherever it was encoded."""
+        history item's gradient reaches its one encoding wherever it was encoded. With
+        loss.negatives=catalog the candidates are every catalog item instead, each rank encoding
+        its share of the catalog live (SASRec's full softmax, no stale rows)."""
+        ids = batch["batch_item_ids"]
+        if self.config.loss.negatives == "catalog":
+            ids = torch.tensor(even_share(len(self.collator.catalog)), device=self.device)
         if self.state_cache is not None:  # only the trained top layers run
-            states, mask = self.state_cache.batch(batch["batch_item_ids"], self.collator.padding_side, self.device)
-            local = self.engine.forward(None, mask, lower_states=states)
+            states, mask = self.state_cache.batch(ids.cpu(), self.collator.padding_side, self.device)
+            local = self.engine.forward(None, mask, lower_states=states, item_ids=ids)
         else:
-            local = self.engine.forward(batch["item_input_ids"], batch["item_attention_mask"])
-        candidates, candidate_ids, first = distinct_items(local, batch["batch_item_ids"])
+            if ids is batch["batch_item_ids"]:
+                tokens, mask = batch["item_input_ids"], batch["item_attention_mask"]
+            else:
+                catalog = self.catalog_tokens()
+                tokens, mask = (t.to(self.device) for t in self.collator.pad([catalog[i] for i in ids.tolist()]))
+            local = self.engine.forward(tokens, mask, item_ids=ids)
+        candidates, candidate_ids, first = distinct_items(local, ids)
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
         _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=inputs)
@@ -143,7 +154,9 @@ class TrainStep:
         Between refreshes the catalog is up to catalog_refresh_every steps stale (model/loss.py's
         catalog_loss says why the positive is stale too)."""
         stale = self.catalog_embeddings is None or step % self.config.loss.catalog_refresh_every == 0
-        if not self.model.objective.needs_catalog or not stale:
+        # The hierarchical step encodes its candidates itself (live, the whole catalog with
+        # loss.negatives=catalog); a stale copy would go unread.
+        if self.items_mode or not self.model.objective.needs_catalog or not stale:
             return
         encoder = self.model.encoder
         with eval_mode(encoder):

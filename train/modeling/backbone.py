@@ -43,10 +43,11 @@ def random_model(architecture: dict[str, Any], key: str, config: ModelConfig, vo
 
 
 def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int,
-                  trained_tokens: list[int] = ()) -> RecEncoder:  # type: ignore[assignment]
+                  trained_tokens: list[int] = (), num_items: int = 0) -> RecEncoder:  # type: ignore[assignment]
     """Backbone + LoRA (base weights frozen) + pooling + optional projection.
 
-    `trained_tokens`: token ids whose input embeddings are trained too (the item tokens)."""
+    `trained_tokens`: token ids whose input embeddings are trained too (the item tokens);
+    `num_items`: the catalog's size, for model.id_embeddings."""
     torch.manual_seed(seed)
     try:
         backbone = load_backbone(config, vocab_size, pad_token_id)
@@ -81,10 +82,10 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                           config.projection_dim or hidden, config.user_tower_dropout)
     try:
         encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
-                             config.normalize, split)
+                             config.normalize, split, num_items if config.id_embeddings else 0)
     except ValueError as err:
         raise UserError(f"model.trained_layers: {err}") from None
-    for head in (encoder.projection, encoder.user_projection, encoder.user_tower):
+    for head in (encoder.projection, encoder.user_projection, encoder.user_tower, encoder.id_embeddings):
         if head is not None:
             head.to(DTYPES[config.dtype])
     return encoder

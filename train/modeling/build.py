@@ -82,5 +82,5 @@ def build_objective(loss: LossConfig) -> Objective:
 def build_model(config: Config, inputs: RunInputs, device: torch.device) -> RecModel:
     """Encoder (the same initial weights on every process, from config.seed) and objective."""
     encoder = build_encoder(config.model, len(inputs.tokenizer), inputs.tokenizer.pad_token_id, config.seed,
-                            inputs.item_token_ids)
+                            inputs.item_token_ids, len(inputs.catalog))
     return RecModel(encoder, build_objective(config.loss)).to(device)

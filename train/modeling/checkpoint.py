@@ -64,8 +64,7 @@ def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -
     backbone = encoder.backbone
     if isinstance(backbone, PeftModel):  # model.trained_layers=0 trains no adapter
         backbone.save_pretrained(str(directory / ADAPTER_DIR))
-    heads = {f"{name}.weight": head.weight.detach().cpu().contiguous()
-             for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection))
+    heads = {f"{name}.weight": head.weight.detach().cpu().contiguous() for name, head in _heads(encoder)
              if head is not None}
     if heads:
         save_file(heads, str(directory / HEAD_FILE))
@@ -133,6 +132,12 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def _heads(encoder: RecEncoder) -> list[tuple[str, Any]]:
+    """The encoder's small trained modules kept in HEAD_FILE, by their config names."""
+    return [("projection", encoder.projection), ("user_projection", encoder.user_projection),
+            ("id_embeddings", encoder.id_embeddings)]
+
+
 def load_weights(path: Path, encoder: RecEncoder) -> None:
     """Put a checkpoint's adapter and projection into `encoder` (built with the same config)."""
     backbone = encoder.backbone
@@ -146,13 +151,16 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
-    if encoder.projection is not None:
-        heads = load_file(str(path / HEAD_FILE))
-        for name, head in (("projection", encoder.projection), ("user_projection", encoder.user_projection)):
-            if head is not None:
-                if f"{name}.weight" not in heads:
-                    raise UserError(f"{path}: no {name} head, but model.{name} asks for one")
-                head.weight.data.copy_(heads[f"{name}.weight"])
+    wanted = [(name, head) for name, head in _heads(encoder) if head is not None]
+    if wanted:
+        heads = load_file(str(path / HEAD_FILE)) if (path / HEAD_FILE).is_file() else {}
+        for name, head in wanted:
+            if f"{name}.weight" not in heads:
+                raise UserError(f"{path}: no {name} weights, but model.{name} asks for them")
+            if heads[f"{name}.weight"].shape != head.weight.shape:
+                raise UserError(f"{path}: {name} is {tuple(heads[f'{name}.weight'].shape)}, the model config "
+                                f"makes it {tuple(head.weight.shape)}")
+            head.weight.data.copy_(heads[f"{name}.weight"])
     if encoder.user_tower is not None:
         if not (path / TOWER_FILE).is_file():
             raise UserError(f"{path}: no user tower, but model.user_encoder=items asks for one")
