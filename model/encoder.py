@@ -40,8 +40,12 @@ class RecEncoder(nn.Module):
         # model.trained_layers: layers below `split` are frozen and their token states cached per
         # item (model/layer_cache.py); None runs the whole backbone from tokens.
         self.split = split
+        # model.trained_layers=0: nothing above the cache trains, so the cache keeps each item's
+        # pooled state (one vector, not its token states) and a step reads it directly.
+        self.frozen = False
         if split is not None:
             check_splittable(decoder_of(backbone))
+            self.frozen = split == len(decoder_of(backbone).layers)
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None,
@@ -59,6 +63,8 @@ class RecEncoder(nn.Module):
             states = self.user_tower(item_sequence, attention_mask)
             pooled = self.unit(last_token(states, attention_mask))
             return (pooled, self.unit(states)) if every_position else pooled
+        if lower_states is not None and self.frozen:  # [B, 1, H]: the pooled states `lower` kept
+            return self.embed_item(lower_states[:, -1], user, item_ids)
         if lower_states is not None:
             assert self.split is not None, "lower states need model.trained_layers"
             decoder = decoder_of(self.backbone)
@@ -67,24 +73,31 @@ class RecEncoder(nn.Module):
             assert input_ids is not None
             last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        pooled = self.pool(last_hidden, attention_mask)
-        if self.id_embeddings is not None and not user:
-            assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
-            pooled = self.embed(pooled, ids=item_ids)
-        else:
-            pooled = self.embed(pooled, user)
+        pooled = self.embed_item(self.pool(last_hidden, attention_mask), user, item_ids)
         if every_position:
             return pooled, self.embed(last_hidden, user)
         return pooled
 
     @torch.no_grad()
-    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] token states after the frozen layers below `split` (what `forward` takes as
-        `lower_states`); they never change during training, so each item's are computed once."""
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, T, H] token states after the frozen layers below `split`, their mask): what
+        `forward` takes as `lower_states`; they never change during training, so each item's are
+        computed once. With every layer frozen, the pooled state instead ([B, 1, H], mask [B, 1])."""
         assert self.split is not None, "lower states need model.trained_layers"
         decoder = decoder_of(self.backbone)
         hidden = decoder.embed_tokens(input_ids)
-        return run_layers(decoder, hidden, attention_mask, 0, self.split, False)
+        if self.frozen:
+            last_hidden = run_layers(decoder, hidden, attention_mask, 0, self.split, True)
+            pooled = self.pool(last_hidden, attention_mask).unsqueeze(1)
+            return pooled, torch.ones(pooled.shape[:2], dtype=attention_mask.dtype, device=pooled.device)
+        return run_layers(decoder, hidden, attention_mask, 0, self.split, False), attention_mask
+
+    def embed_item(self, pooled: torch.Tensor, user: bool, item_ids: torch.Tensor | None) -> torch.Tensor:
+        """`embed`, with the items' id vectors when there are id embeddings."""
+        if self.id_embeddings is not None and not user:
+            assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
+            return self.embed(pooled, ids=item_ids)
+        return self.embed(pooled, user)
 
     def embed(self, states: torch.Tensor, user: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Projected (the user's head for users that have one), plus the items' id vectors, made unit."""

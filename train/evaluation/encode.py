@@ -79,10 +79,10 @@ def cache_lower_states(encoder: RecEncoder, collator: PromptCollator, token_list
                       leave=False):
         chunk = order[begin:begin + batch_size]
         ids, mask = collator.pad([mine[i] for i in chunk])
-        packed, counts = StateCache.pack(encoder.lower(ids.to(device), mask.to(device)), mask.to(device))
+        packed, counts = StateCache.pack(*encoder.lower(ids.to(device), mask.to(device)))
         for i, item_states in zip(chunk, packed.split(counts.tolist())):
             states[i] = item_states
-    lengths = torch.tensor([len(tokens) for tokens in mine], device=device)
+    lengths = torch.tensor([1 if encoder.frozen else len(tokens) for tokens in mine], device=device)
     packed = gather_ragged(torch.cat(states).contiguous())
     lengths = gather_no_grad(lengths)[:len(token_lists)].cpu()
     return StateCache(packed[:int(lengths.sum())].cpu(), lengths)
