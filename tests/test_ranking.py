@@ -163,3 +163,45 @@ def test_popularity_ranking_orders_by_counts() -> None:
     assert excluded["recall@1"] == pytest.approx(1 / 3)
     assert excluded["recall@2"] == pytest.approx(2 / 3)
     assert excluded["mrr@2"] == pytest.approx((1 + 1 / 2) / 3)
+
+
+@pytest.mark.parametrize("user_chunk", [3, 64])
+def test_groups_are_the_rankings_of_their_users_alone(user_chunk: int) -> None:
+    """rank_sums(groups=) in one pass gives each group exactly what ranking its users alone gives,
+    fused, parts and history kept included; a group with no users gets zeros."""
+    from train.evaluation.ranking import mean_metrics, rank_sums
+    from train.evaluation.evaluate import target_buckets
+
+    generator = torch.Generator().manual_seed(3)
+    users, items = torch.randn(11, 4, generator=generator), torch.randn(9, 4, generator=generator)
+    targets = torch.randint(0, 9, (11,), generator=generator)
+    histories = [torch.randint(0, 9, (int(n),), generator=generator).tolist()
+                 for n in torch.randint(0, 4, (11,), generator=generator)]
+    train_counts = torch.tensor([0, 0, 3, 7, 30, 1, 2, 0, 5])
+
+    def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.arange(end - begin)  # each user's bonus item depends on its global index only
+        return rows, (targets[begin:end] + rows + begin) % 9, torch.full((end - begin,), 0.7)
+
+    groups = target_buckets(train_counts, targets, [1, 5, 20, 100])
+    assert groups is not None and groups[1] == ["0", "1-4", "5-19", "20-99", "100+"]
+    together = mean_metrics(rank_sums(users, items, targets, histories, [2, 5], user_chunk=user_chunk, item_chunk=4,
+                                      bonus=bonus, parts=True, groups=groups), len(targets))
+    for index, name in enumerate(groups[1]):
+        rows = (groups[0] == index).nonzero().flatten().tolist()
+        part = together["groups"][name]
+        assert part["users"] == len(rows)
+        if not rows:
+            assert part["ndcg@5"] == 0 and part["encoder"]["with_history"]["ndcg@5"] == 0
+            continue
+
+        def alone_bonus(begin: int, end: int, rows: list[int] = rows) -> tuple[torch.Tensor, ...]:
+            picked = torch.tensor(rows[begin:end])
+            local = torch.arange(len(picked))
+            return local, (targets[picked] + picked) % 9, torch.full((len(picked),), 0.7)
+
+        alone = mean_metrics(rank_sums(users[rows], items, targets[rows], [histories[i] for i in rows], [2, 5],
+                                       item_chunk=4, bonus=alone_bonus, parts=True), len(rows))
+        from train.evaluation.report import flatten_metrics
+        assert flatten_metrics({k: v for k, v in part.items() if k != "users"}) == pytest.approx(flatten_metrics(alone))
+    assert sum(p["users"] for p in together["groups"].values()) == 11

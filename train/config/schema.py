@@ -253,6 +253,9 @@ class EvalConfig:
     batch_size: int = doc(128, "prompts per encoding batch")
     best_metric: str = doc("", "validation metric picking the best checkpoint: recall|ndcg|mrr|hr@K with history "
                                "excluded, with_history/<metric>@K with it kept; empty = ndcg@<first k>")
+    target_buckets: list[int] = doc([1, 5, 20], "the figures are also broken down by how often each user's target "
+                                                "occurs in training: these edges make buckets 0, 1-4, 5-19, 20+ "
+                                                "(metrics.json's by_target_count); [] = no breakdown")
     use_best: bool = doc(True, "evaluate the best validated checkpoint at the end (when train.eval_every > 0)")
     transitions: TransitionSettings = doc(TransitionSettings(), "item-to-item transition prior fused into the "
                                                                 "ranking (off unless weight > 0)")
@@ -266,6 +269,8 @@ class EvalConfig:
                "eval.best_metric", f"must be [with_history/]recall|ndcg|mrr|hr@K with K in eval.k={self.k} "
                f"(got {self.best_metric!r})")
         check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        check(all(b >= 1 for b in self.target_buckets) and self.target_buckets == sorted(set(self.target_buckets)),
+              "eval.target_buckets", "must be increasing ints >= 1 (the lowest bucket is always 0)")
 
 
 @dataclass

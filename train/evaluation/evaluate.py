@@ -74,12 +74,29 @@ def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, devi
     # One pass over the catalog ranks everything reported: history excluded and kept, and with
     # the prior on, the encoder alone and the transitions alone (so a fused figure can be read
     # against its parts).
-    metrics.update(rank_in_shares(users, items, targets, rows["history"], ks, device, bonus, parts=bonus is not None))
+    metrics.update(rank_in_shares(users, items, targets, rows["history"], ks, device, bonus, parts=bonus is not None,
+                                  groups=target_buckets(collator.catalog.train_counts(), targets,
+                                                        config.eval.target_buckets)))
+    if "groups" in metrics:
+        metrics["by_target_count"] = metrics.pop("groups")
     popular = dict(baseline) if baseline is not None else popularity(collator, targets, rows["history"], ks, device)
     metrics["with_history"]["popularity"] = dict(popular.pop("with_history"))
     metrics["popularity"] = popular
     barrier()
     return metrics
+
+
+def target_buckets(train_counts: torch.Tensor, targets: torch.Tensor, edges: list[int]
+                   ) -> tuple[torch.Tensor, list[str]] | None:
+    """Each user's bucket by how often their target occurs in training (edges [1, 5, 20]: 0,
+    1-4, 5-19, 20+): cold and long-tail items are what text is for, and a mean over all users
+    hides them behind the popular ones."""
+    if not edges:
+        return None
+    bounds = [0, *edges]
+    names = [str(low) if high == low + 1 else f"{low}-{high - 1}" for low, high in zip(bounds, bounds[1:])]
+    names.append(f"{bounds[-1]}+")
+    return torch.bucketize(train_counts[targets].long(), torch.tensor(edges), right=True), names
 
 
 def popularity(collator: PromptCollator, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
@@ -94,7 +111,7 @@ def popularity(collator: PromptCollator, targets: torch.Tensor, histories: list[
 
 def rank_in_shares(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, histories: list[list[int]],
                    ks: list[int], device: torch.device, bonus: Bonus | None = None,
-                   parts: bool = False) -> dict[str, Any]:
+                   parts: bool = False, groups: tuple[torch.Tensor, list[str]] | None = None) -> dict[str, Any]:
     """`rank_catalog` with the users split over the processes: each ranks its share of the users
     on its own device, and the metric sums are added up over the processes (every one gets the
     means). With 8 processes, each scores an eighth of the users x items blocks."""
@@ -106,8 +123,9 @@ def rank_in_shares(users: torch.Tensor, items: torch.Tensor, targets: torch.Tens
 
         def share_bonus(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return full(begin + first, begin + last)  # rows still counted from `first`
+    mine_groups = None if groups is None else (groups[0][begin:end], groups[1])
     sums = rank_sums(users[begin:end], items, targets[begin:end], histories[begin:end], ks, bonus=share_bonus,
-                     parts=parts, device=device)
+                     parts=parts, device=device, groups=mine_groups)
     if world(None)[1] > 1:  # the same keys in the same order on every process: one vector to add up
         totals = torch.tensor(numbers(sums), dtype=torch.float64, device=device)
         dist.all_reduce(totals)

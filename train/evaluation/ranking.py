@@ -60,7 +60,8 @@ def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, t
 def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
               histories: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
               item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False,
-              device: torch.device | None = None) -> dict[str, Any]:
+              device: torch.device | None = None, groups: tuple[torch.Tensor, list[str]] | None = None
+              ) -> dict[str, Any]:
     """Per-metric sums over the users of inner-product ranking over the whole catalog.
 
     Only each target's rank is needed, and it is a count (items scoring above the target), so
@@ -79,6 +80,9 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
     memory is bounded too. With `parts`, the embeddings alone ("encoder") and the bonus alone
     ("transitions") are ranked in the same pass and reported beside the sum, each with its
     "with_history": the block's inner products are computed once for all three.
+
+    `groups`: (each user's group [U], the groups' names); the same sums are also kept per group,
+    under "groups" -> name, each with its "users" count (from the same ranks: no second pass).
     """
     if parts and bonus is None:
         raise ValueError("parts needs a bonus: there is nothing to rank apart")
@@ -87,6 +91,9 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
     names = ["encoder", "ranked", "transitions"] if parts else ["ranked"]
     none_yet = metric_sums(torch.zeros(0, dtype=torch.long), ks)  # every key, even for no users
     sums = {f"{name}/{view}": dict(none_yet) for name in names for view in ("excluded", "kept")}
+    group_of, group_names = groups if groups is not None else (None, [])
+    group_sums = [{key: dict(none_yet) for key in sums} for _ in group_names]
+    group_users = [0.0 for _ in group_names]
     n_items = item_embeddings.shape[0]
     for begin in range(0, len(targets), user_chunk):
         queries = user_embeddings[begin:begin + user_chunk].to(device)
@@ -133,11 +140,31 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
                     beaten = _beats(scores[excluded_here], target[excluded_here[0]], excluded_here[1] + low,
                                     chunk_targets[excluded_here[0]])
                     excluded_ahead[name].index_add_(0, excluded_here[0], beaten.long())
+        chunk_groups = None if group_of is None else group_of[begin:begin + user_chunk].to(device)
         for name in names:
             for view, ahead in (("excluded", kept[name] - excluded_ahead[name]), ("kept", kept[name])):
-                total = sums[f"{name}/{view}"]
-                for key, value in metric_sums(ahead, ks).items():
-                    total[key] += value
+                _add(sums[f"{name}/{view}"], metric_sums(ahead, ks))
+                for index, group in enumerate(group_sums):
+                    assert chunk_groups is not None
+                    _add(group[f"{name}/{view}"], metric_sums(ahead[chunk_groups == index], ks))
+        for index in range(len(group_names)):
+            assert chunk_groups is not None
+            group_users[index] += float((chunk_groups == index).sum())
+    out = _nest(sums, names)
+    if groups is not None:
+        out["groups"] = {label: {**_nest(group, names), "users": users}
+                         for label, group, users in zip(group_names, group_sums, group_users)}
+    return out
+
+
+def _add(total: dict[str, float], more: dict[str, float]) -> None:
+    for key, value in more.items():
+        total[key] += value
+
+
+def _nest(sums: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
+    """"name/view" sums -> the reported shape: the fused ranking's at the top, each part under its
+    name, the history-kept figures under "with_history"."""
     out: dict[str, Any] = {**sums["ranked/excluded"], "with_history": sums["ranked/kept"]}
     for name in names:
         if name != "ranked":
@@ -175,9 +202,15 @@ def _items_ahead(scores: torch.Tensor, target: torch.Tensor, chunk_targets: torc
 
 
 def mean_metrics(sums: dict[str, Any], users: int) -> dict[str, Any]:
-    """Every number of a (nested) dict of metric sums divided by the user count."""
-    return {key: mean_metrics(value, users) if isinstance(value, dict) else value / max(users, 1)
-            for key, value in sums.items()}
+    """Every number of a (nested) dict of metric sums divided by the user count; each of
+    "groups" by its own "users" count (kept as a count)."""
+    out = {key: mean_metrics(value, users) if isinstance(value, dict) else value / max(users, 1)
+           for key, value in sums.items() if key != "groups"}
+    if "groups" in sums:
+        out["groups"] = {label: {**mean_metrics({k: v for k, v in group.items() if k != "users"},
+                                                int(group["users"])), "users": int(group["users"])}
+                         for label, group in sums["groups"].items()}
+    return out
 
 
 def rank_in_chunks(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,

@@ -38,6 +38,11 @@ def format_table(metrics: dict[str, Any], ks: list[int]) -> str:
             ("popularity, history kept", metrics["with_history"]["popularity"])]
     for label, source in rows:
         lines.append(f"{label:<36}" + "".join(f"{source[k]:>12.4f}" for k in keys))
+    for bucket, part in metrics.get("by_target_count", {}).items():
+        lines.append(f"target seen {bucket}x in training, {part['users']} users")
+        for label, source in (("  rectrain", part), ("  rectrain, history kept", part["with_history"]),
+                              *((f"  {name} alone, history kept", part[name]["with_history"]) for name, _ in parts)):
+            lines.append(f"{label:<36}" + "".join(f"{source[k]:>12.4f}" for k in keys))
     return "\n".join(lines)
 
 
