@@ -447,3 +447,30 @@ def test_a_second_prepare_of_the_same_dir_waits_for_the_first(write_dataset) -> 
     assert second.wait(timeout=120) == 0, second.stderr.read()
     _assert_small_dataset(dataset["dir"], json.loads((dataset["dir"] / "manifest.json").read_text()))
     assert sorted(p.name for p in dataset["dir"].parent.iterdir()) == ["data"]
+
+
+def test_cold_items_never_reach_training_and_stay_in_evaluation(write_dataset) -> None:
+    """data.cold_items: the seeded share of items is in no training sample (target or history)
+    and counts zero in training; the valid and test splits are those of a run without it."""
+    from train.data.prepare.pipeline import cold_items
+
+    dataset = write_dataset()
+    manifest = _prepare(dataset, "data.cold_items=0.25")
+    cold = cold_items(8, 0.25, load_config(None, dataset["overrides"]).seed)
+    assert cold is not None and int(cold.sum()) == 2 and manifest["filters"]["cold_items"] == 2
+    data_dir = dataset["dir"]
+    assert pq.read_table(data_dir / "splits" / "valid.parquet").to_pylist() == EXPECTED_VALID
+    assert pq.read_table(data_dir / "splits" / "test.parquet").to_pylist() == EXPECTED_TEST
+    # The training parts of the users' sequences (all but the last two), cold items taken out.
+    training = {0: [1, 0, 3, 7], 1: [2, 1], 2: [4, 3], 3: [6]}
+    expected = {}
+    for user, sequence in training.items():
+        warm = [item for item in sequence if not cold[item]]
+        for t in range(1, len(warm)):
+            expected[(user, t)] = (warm[max(0, t - 2):t], warm[t])
+    samples = _all_samples(data_dir, manifest)
+    got = {(s["user"], int(key.split("t")[1])): (s["history"], s["item"]) for key, s in samples.items()}
+    assert got == expected and manifest["counts"]["train_samples"] == len(expected)
+    counts = {row["item_index"]: row["train_count"] for row in pq.read_table(data_dir / "catalog.parquet").to_pylist()}
+    assert all(counts[i] == 0 for i in range(8) if cold[i])
+    assert any(cold[row["target"]] for row in EXPECTED_TEST + EXPECTED_VALID)  # the held-out users measure them

@@ -68,6 +68,9 @@ class DataConfig:
     columns: InteractionColumns = doc(InteractionColumns(), "interaction column names (the named formats, "
                                                             "movielens, amazon, unisrec, have their own)")
     catalog_columns: CatalogColumns = doc(CatalogColumns(), "catalog column names")
+    cold_items: float = doc(0.0, "share of the catalog held out of training entirely (drawn with `seed`): never a "
+                                 "target, never in a training history, kept in evaluation, so the users whose "
+                                 "target is one (by_target_count's 0 bucket) measure what the text alone carries")
     max_history: int = doc(20, "most recent items kept as a training sample's history")
     unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
     shard_size: int = doc(10000, "training samples per WebDataset shard")
@@ -87,6 +90,7 @@ class DataConfig:
                "the synthetic log has no ratings")
         check(self.k_core >= 0, "data.k_core", "must be >= 0 (0 = off)")
         check(self.max_history >= 1, "data.max_history", "must be >= 1")
+        check(0.0 <= self.cold_items < 1.0, "data.cold_items", "must be in [0, 1)")
         check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")

@@ -74,6 +74,8 @@ def fingerprint(config: Config) -> dict[str, Any]:
         fields["min_rating"] = data.min_rating
     if data.k_core:
         fields["k_core"] = data.k_core
+    if data.cold_items:
+        fields["cold_items"] = data.cold_items
     return fields
 
 

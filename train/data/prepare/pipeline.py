@@ -21,7 +21,7 @@ from train.data.prepare import filters, sources
 from train.data.prepare.partition import DiskCorePart, LogSpill, Partition
 from train.data.prepare.shards import ShardWriter, histories
 from train.data.prepare.shuffle import SampleBuckets, write_shards
-from train.data.prepare.split import leave_one_out, user_sequences
+from train.data.prepare.split import leave_one_out, training_part, user_sequences
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,24 +70,43 @@ def _k_core(partitions: list[Partition], n_items: int, k: int) -> tuple[np.ndarr
                         "k_core_items_removed": int(n_items - items_kept.sum())}
 
 
-def _training_samples(partition: Partition) -> int:
+def _training_samples(partition: Partition, new_index: np.ndarray | None, cold: np.ndarray | None) -> int:
     """How many training samples the partition's users make (to number the shuffle before they are made)."""
-    lengths = partition.user_lengths()
-    n_train = np.where(lengths >= 3, lengths - 2, lengths)
+    if cold is None:
+        lengths = partition.user_lengths()
+        n_train = np.where(lengths >= 3, lengths - 2, lengths)
+    else:  # which interactions go depends on their order: the sequences are needed
+        _, bounds, items = _sequences(partition, new_index)
+        n_train = training_part(bounds, items, cold)[2]
     return int(np.maximum(n_train - 1, 0).sum())
 
 
-def _split_partition(partition: Partition, new_index: np.ndarray | None, totals: _Totals, buckets: SampleBuckets,
-                     split_writers: dict[str, pq.ParquetWriter], max_history: int, samples_at_once: int) -> None:
-    """Group and split one partition: its split rows to `split_writers`, its samples to `buckets`."""
+def cold_items(n_items: int, share: float, seed: int) -> np.ndarray | None:
+    """data.cold_items: a seeded `share` of the catalog held out of training (a mask), or None."""
+    if share <= 0:
+        return None
+    cold = np.zeros(n_items, dtype=bool)
+    cold[np.random.default_rng(seed).permutation(n_items)[:round(share * n_items)]] = True
+    return cold
+
+
+def _sequences(partition: Partition, new_index: np.ndarray | None) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """The partition's users' time-ordered sequences (split.user_sequences), items renumbered
+    to the k-core's catalog when there is one."""
     table = partition.read()
     if new_index is not None:  # the k-core's catalog: renumber the items it keeps
         table = table.set_column(table.schema.get_field_index("item"), "item",
                                  pa.array(new_index[table.column("item").to_numpy()], pa.int32()))
-    user_ids, bounds, items = user_sequences(table)
-    del table
-    samples, train_counts, target_counts, splits = leave_one_out(user_ids, bounds, items, len(totals.train_counts),
-                                                                  first_user=totals.users)
+    return user_sequences(table)
+
+
+def _split_partition(partition: Partition, new_index: np.ndarray | None, totals: _Totals, buckets: SampleBuckets,
+                     split_writers: dict[str, pq.ParquetWriter], max_history: int, samples_at_once: int,
+                     cold: np.ndarray | None) -> None:
+    """Group and split one partition: its split rows to `split_writers`, its samples to `buckets`."""
+    user_ids, bounds, items = _sequences(partition, new_index)
+    samples, train_counts, target_counts, splits, train_items = leave_one_out(
+        user_ids, bounds, items, len(totals.train_counts), first_user=totals.users, cold=cold)
     totals.train_counts += train_counts
     totals.target_counts += target_counts
     for split, rows in splits.items():
@@ -98,8 +117,9 @@ def _split_partition(partition: Partition, new_index: np.ndarray | None, totals:
     for begin in range(0, len(samples["ts"]), samples_at_once):
         taken = slice(begin, begin + samples_at_once)
         starts, ts = samples["starts"][taken], samples["ts"][taken]
-        history, history_lengths = histories(items, starts, ts, max_history)
-        buckets.add(totals.samples + begin, samples["users"][taken], ts, items[starts + ts], history, history_lengths)
+        history, history_lengths = histories(train_items, starts, ts, max_history)
+        buckets.add(totals.samples + begin, samples["users"][taken], ts, train_items[starts + ts], history,
+                    history_lengths)
     totals.samples += len(samples["ts"])
     totals.users += len(user_ids)
     totals.interactions += len(items)
@@ -145,7 +165,11 @@ def prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bud
     log.debug("%d interactions kept, in %d partition(s)", spill.rows, len(partitions))
     catalog, new_index, filtered = _filter_log(config, partitions, catalog, dropped)
     n_items = catalog.num_rows
-    n_samples = sum(_training_samples(partition) for partition in partitions)
+    cold = cold_items(n_items, data.cold_items, config.seed)
+    if cold is not None:
+        filtered["cold_items"] = int(cold.sum())
+        log.info("data.cold_items=%g: %d of %d items held out of training", data.cold_items, int(cold.sum()), n_items)
+    n_samples = sum(_training_samples(partition, new_index, cold) for partition in partitions)
     if not n_samples:
         raise UserError(f"{data.interactions or 'data'}: no user has two training interactions; nothing to train on")
 
@@ -157,7 +181,7 @@ def prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bud
     try:
         for partition in partitions:
             _split_partition(partition, new_index, totals, buckets, split_writers, data.max_history,
-                             budget.samples_at_once)
+                             budget.samples_at_once, cold)
     finally:
         for writer in split_writers.values():
             writer.close()
