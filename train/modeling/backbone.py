@@ -21,7 +21,7 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
     """The base model without a head: from `name_or_path`, or random from `architecture`."""
     dtype = DTYPES[config.dtype]
     if config.name_or_path:
-        kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+        kwargs: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         try:
             return AutoModel.from_pretrained(weights.resolve(config.name_or_path, config.gguf_file), dtype=dtype,
                                              attn_implementation=config.attn_implementation, **kwargs)
