@@ -64,7 +64,7 @@ class RecEncoder(nn.Module):
             pooled = self.unit(last_token(states, attention_mask))
             return (pooled, self.unit(states)) if every_position else pooled
         if lower_states is not None and self.frozen:  # [B, 1, H]: the pooled states `lower` kept
-            return self.embed_item(lower_states[:, -1], user, item_ids)
+            return self.embed(lower_states[:, -1], user, item_ids)
         if lower_states is not None:
             assert self.split is not None, "lower states need model.trained_layers"
             decoder = decoder_of(self.backbone)
@@ -73,7 +73,7 @@ class RecEncoder(nn.Module):
             assert input_ids is not None
             last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        pooled = self.embed_item(self.pool(last_hidden, attention_mask), user, item_ids)
+        pooled = self.embed(self.pool(last_hidden, attention_mask), user, item_ids)
         if every_position:
             return pooled, self.embed(last_hidden, user)
         return pooled
@@ -92,20 +92,15 @@ class RecEncoder(nn.Module):
             return pooled, torch.ones(pooled.shape[:2], dtype=attention_mask.dtype, device=pooled.device)
         return run_layers(decoder, hidden, attention_mask, 0, self.split, False), attention_mask
 
-    def embed_item(self, pooled: torch.Tensor, user: bool, item_ids: torch.Tensor | None) -> torch.Tensor:
-        """`embed`, with the items' id vectors when there are id embeddings."""
-        if self.id_embeddings is not None and not user:
-            assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
-            return self.embed(pooled, ids=item_ids)
-        return self.embed(pooled, user)
-
-    def embed(self, states: torch.Tensor, user: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected (the user's head for users that have one), plus the items' id vectors, made unit."""
+    def embed(self, states: torch.Tensor, user: bool = False, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (the user's head for users that have one), plus the items' id vectors
+        (model.id_embeddings; items only), made unit."""
         head = self.user_projection if user and self.user_projection is not None else self.projection
         if head is not None:
             states = head(states.to(head.weight.dtype))
-        if ids is not None and self.id_embeddings is not None:
-            states = states.float() + self.id_embeddings(ids).float()
+        if self.id_embeddings is not None and not user:
+            assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
+            states = states.float() + self.id_embeddings(item_ids).float()
         return self.unit(states)
 
     def unit(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -172,13 +172,13 @@ def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # typ
 
     shard = Path(trainer.config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
     batch = trainer.collator(list(read_shard(str(shard)))[:6])
-    stepper = trainer.stepper
-    saved = stepper.config
-    stepper.config = dataclasses.replace(saved, loss=dataclasses.replace(saved.loss, negatives="catalog"))
-    try:
-        embedded = stepper.embed(batch)
-    finally:
-        stepper.config = saved
+    from train.loop.step import TrainStep
+
+    config = trainer.config
+    config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, negatives="catalog"))
+    stepper = TrainStep(config, trainer.model, trainer.engine, trainer.collator, trainer.inputs.token_items,
+                        torch.device("cpu"), 1, trainer.evaluator.catalog_tokens)
+    embedded = stepper.embed(batch)
     assert embedded.candidates.shape[0] == len(trainer.collator.catalog) and bool(embedded.first.all())
     assert embedded.candidates.requires_grad
     _, _, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])

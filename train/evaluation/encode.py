@@ -75,6 +75,7 @@ def cache_lower_states(encoder: RecEncoder, collator: PromptCollator, token_list
     mine = [token_lists[i] for i in even_share(len(token_lists))]
     order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
     states: list[torch.Tensor] = [torch.empty(0)] * len(mine)
+    lengths = torch.zeros(len(mine), dtype=torch.long, device=device)  # cached states per item
     for begin in tqdm(range(0, len(order), batch_size), desc="cache frozen layers", disable=not show_progress,
                       leave=False):
         chunk = order[begin:begin + batch_size]
@@ -82,7 +83,7 @@ def cache_lower_states(encoder: RecEncoder, collator: PromptCollator, token_list
         packed, counts = StateCache.pack(*encoder.lower(ids.to(device), mask.to(device)))
         for i, item_states in zip(chunk, packed.split(counts.tolist())):
             states[i] = item_states
-    lengths = torch.tensor([1 if encoder.frozen else len(tokens) for tokens in mine], device=device)
+        lengths[torch.tensor(chunk, device=device)] = counts.to(device)
     packed = gather_ragged(torch.cat(states).contiguous())
     lengths = gather_no_grad(lengths)[:len(token_lists)].cpu()
     return StateCache(packed[:int(lengths.sum())].cpu(), lengths)

@@ -140,16 +140,15 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
                     beaten = _beats(scores[excluded_here], target[excluded_here[0]], excluded_here[1] + low,
                                     chunk_targets[excluded_here[0]])
                     excluded_ahead[name].index_add_(0, excluded_here[0], beaten.long())
-        chunk_groups = None if group_of is None else group_of[begin:begin + user_chunk].to(device)
+        members = [] if group_of is None else [group_of[begin:begin + user_chunk].to(device) == index
+                                               for index in range(len(group_names))]
         for name in names:
             for view, ahead in (("excluded", kept[name] - excluded_ahead[name]), ("kept", kept[name])):
                 _add(sums[f"{name}/{view}"], metric_sums(ahead, ks))
-                for index, group in enumerate(group_sums):
-                    assert chunk_groups is not None
-                    _add(group[f"{name}/{view}"], metric_sums(ahead[chunk_groups == index], ks))
-        for index in range(len(group_names)):
-            assert chunk_groups is not None
-            group_users[index] += float((chunk_groups == index).sum())
+                for group, member in zip(group_sums, members):
+                    _add(group[f"{name}/{view}"], metric_sums(ahead[member], ks))
+        for index, member in enumerate(members):
+            group_users[index] += float(member.sum())
     out = _nest(sums, names)
     if groups is not None:
         out["groups"] = {label: {**_nest(group, names), "users": users}

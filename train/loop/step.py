@@ -72,6 +72,10 @@ class TrainStep:
         self.catalog_tokens = catalog_tokens
         self.state_cache = state_cache  # model.trained_layers: the items' frozen lower-layer states
         self.items_mode = config.model.user_encoder == "items"
+        # loss.negatives=catalog with items: this rank's share of the catalog, encoded at every step.
+        self.catalog_share: torch.Tensor | None = None
+        if self.items_mode and config.loss.negatives == "catalog":
+            self.catalog_share = torch.tensor(even_share(len(collator.catalog)), device=device)
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
 
@@ -110,9 +114,7 @@ class TrainStep:
         history item's gradient reaches its one encoding wherever it was encoded. With
         loss.negatives=catalog the candidates are every catalog item instead, each rank encoding
         its share of the catalog live (SASRec's full softmax, no stale rows)."""
-        ids = batch["batch_item_ids"]
-        if self.config.loss.negatives == "catalog":
-            ids = torch.tensor(even_share(len(self.collator.catalog)), device=self.device)
+        ids = batch["batch_item_ids"] if self.catalog_share is None else self.catalog_share
         if self.state_cache is not None:  # only the trained top layers run
             states, mask = self.state_cache.batch(ids.cpu(), self.collator.padding_side, self.device)
             local = self.engine.forward(None, mask, lower_states=states, item_ids=ids)

@@ -64,8 +64,7 @@ def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -
     backbone = encoder.backbone
     if isinstance(backbone, PeftModel):  # model.trained_layers=0 trains no adapter
         backbone.save_pretrained(str(directory / ADAPTER_DIR))
-    heads = {f"{name}.weight": head.weight.detach().cpu().contiguous() for name, head in _heads(encoder)
-             if head is not None}
+    heads = {f"{name}.weight": head.weight.detach().cpu().contiguous() for name, head in _heads(encoder)}
     if heads:
         save_file(heads, str(directory / HEAD_FILE))
     if encoder.user_tower is not None:
@@ -133,9 +132,10 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
 
 
 def _heads(encoder: RecEncoder) -> list[tuple[str, Any]]:
-    """The encoder's small trained modules kept in HEAD_FILE, by their config names."""
-    return [("projection", encoder.projection), ("user_projection", encoder.user_projection),
-            ("id_embeddings", encoder.id_embeddings)]
+    """The encoder's small trained modules kept in HEAD_FILE (those it has), by their config names."""
+    return [(name, head) for name, head in (("projection", encoder.projection),
+                                            ("user_projection", encoder.user_projection),
+                                            ("id_embeddings", encoder.id_embeddings)) if head is not None]
 
 
 def load_weights(path: Path, encoder: RecEncoder) -> None:
@@ -151,7 +151,7 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise UserError(f"{path}: adapter does not match the model config ({unexpected[0]} unexpected)")
-    wanted = [(name, head) for name, head in _heads(encoder) if head is not None]
+    wanted = _heads(encoder)
     if wanted:
         heads = load_file(str(path / HEAD_FILE)) if (path / HEAD_FILE).is_file() else {}
         for name, head in wanted:
