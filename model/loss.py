@@ -33,8 +33,21 @@ def false_negative_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor, pos
     """
     same = candidate_ids.unsqueeze(0) == item_ids.unsqueeze(1)
     if history_ids is not None and history_ids.numel():
-        same = same | (candidate_ids.view(1, -1, 1) == history_ids.unsqueeze(1)).any(dim=-1)
-    return same & ~_own(same, positive_column)
+        same |= in_histories(candidate_ids, history_ids)
+    same[torch.arange(len(positive_column), device=same.device), positive_column] = False  # in place: [B, C] is big
+    return same
+
+
+def in_histories(ids: torch.Tensor, history_ids: torch.Tensor) -> torch.Tensor:
+    """[B, C] True where ids[j] is in row i's history ([B, H], padded with -1; ids are >= 0).
+
+    One history column at a time: comparing all of them at once takes a [B, C, H] tensor, which
+    at a global batch of thousands outweighs the rest of the loss (and, with gradient caching,
+    the whole encoder)."""
+    found = torch.zeros(history_ids.shape[0], ids.shape[0], dtype=torch.bool, device=ids.device)
+    for column in history_ids.T:
+        found |= ids.unsqueeze(0) == column.unsqueeze(1)
+    return found
 
 
 def _own(like: torch.Tensor, positive_column: torch.Tensor) -> torch.Tensor:
@@ -43,10 +56,10 @@ def _own(like: torch.Tensor, positive_column: torch.Tensor) -> torch.Tensor:
     return own
 
 
-def candidate_scores(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
-                     history_ids: torch.Tensor | None = None, mask_false_negatives: bool = True,
-                     group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(similarities [B, C], positive column [B], removed [B, C]) of local users against the global batch.
+def gathered_candidates(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
+                        history_ids: torch.Tensor | None = None, mask_false_negatives: bool = True,
+                        group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(every rank's items [C, D], each local user's positive column [B], removed [B, C]).
 
     `item` holds the B rows' positives, then optionally extra negatives (the same number on every
     rank, e.g. items from the users' histories); `item_ids` matches it row for row."""
@@ -59,6 +72,16 @@ def candidate_scores(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Te
         removed = false_negative_mask(item_ids[:rows], candidate_ids, positive_column, history_ids)
     else:
         removed = torch.zeros(rows, candidates.shape[0], dtype=torch.bool, device=query.device)
+    return candidates, positive_column, removed
+
+
+def candidate_scores(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *,
+                     history_ids: torch.Tensor | None = None, mask_false_negatives: bool = True,
+                     group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(similarities [B, C], positive column [B], removed [B, C]) of local users against the
+    global batch (gathered_candidates)."""
+    candidates, positive_column, removed = gathered_candidates(query, item, item_ids, history_ids=history_ids,
+                                                               mask_false_negatives=mask_false_negatives, group=group)
     return query @ candidates.T, positive_column, removed
 
 
@@ -73,14 +96,71 @@ def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Te
 
     `item`, `item_ids` and `logq` may carry extra negatives after the B positives (see
     candidate_scores)."""
-    scores, positive_column, removed = candidate_scores(query, item, item_ids, history_ids=history_ids,
-                                                        mask_false_negatives=mask_false_negatives, group=group)
-    logits = scores / temperature
-    if logq is not None:
-        # Popular items are over-represented as in-batch negatives; subtracting log q_j turns
-        # the sampled softmax into an estimate of the full-catalog softmax.
-        logits = logits - gather_no_grad(logq.to(logits.dtype), group).unsqueeze(0)
-    return F.cross_entropy(_masked(logits, removed), positive_column)
+    candidates, positive_column, removed = gathered_candidates(query, item, item_ids, history_ids=history_ids,
+                                                               mask_false_negatives=mask_false_negatives, group=group)
+    # Popular items are over-represented as in-batch negatives; subtracting log q_j turns the
+    # sampled softmax into an estimate of the full-catalog softmax.
+    shift = None if logq is None else gather_no_grad(logq.to(query.dtype), group)
+    tau = torch.as_tensor(temperature, dtype=query.dtype, device=query.device)
+    return _BlockSoftmax.apply(query, candidates, tau, shift, removed, positive_column)
+
+
+# Rows of a block in _BlockSoftmax: a block's [rows, C] logits hold at most this many floats.
+BLOCK_ELEMENTS = 2**22
+
+
+class _BlockSoftmax(torch.autograd.Function):
+    """Mean over rows of the cross-entropy of (query @ candidates.T / tau - shift), `removed`
+    masked out, computed a block of rows at a time and recomputed in backward: no [B, C] float
+    matrix outlives its block (only the bool mask is kept). At a global batch of thousands the
+    loss's matrices, not the encoder, set the step's peak memory once gradient caching bounds the
+    encoder's; this keeps the loss near one block's worth. The same as F.cross_entropy on the
+    whole matrix, up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, candidates: torch.Tensor, tau: torch.Tensor,  # type: ignore[override]
+                shift: torch.Tensor | None, removed: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        block = max(1, BLOCK_ELEMENTS // max(1, candidates.shape[0]))
+        total = query.new_zeros(())
+        norms = []
+        for start in range(0, query.shape[0], block):
+            logits = _block_logits(query[start:start + block], candidates, tau, shift, removed[start:start + block])
+            norm = torch.logsumexp(logits, dim=1)
+            own = logits.gather(1, positive[start:start + block].unsqueeze(1)).squeeze(1)
+            total = total + (norm - own).sum()
+            norms.append(norm)
+        ctx.block = block
+        ctx.save_for_backward(query, candidates, tau, shift, removed, positive, torch.cat(norms))
+        return total / max(1, query.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        query, candidates, tau, shift, removed, positive, norms = ctx.saved_tensors
+        scale = grad / max(1, query.shape[0])
+        query_grad = torch.empty_like(query)
+        candidates_grad = torch.zeros_like(candidates)
+        tau_grad = query.new_zeros(())
+        for start in range(0, query.shape[0], ctx.block):
+            block = query[start:start + ctx.block]
+            logits = _block_logits(block, candidates, tau, shift, removed[start:start + ctx.block])
+            # d loss / d logits = softmax - one-hot at the positive (masked entries: exactly 0)
+            weights = (logits - norms[start:start + ctx.block].unsqueeze(1)).exp_()
+            rows = torch.arange(block.shape[0], device=block.device)
+            weights[rows, positive[start:start + ctx.block]] -= 1
+            weights *= scale
+            query_grad[start:start + ctx.block] = weights @ candidates / tau
+            candidates_grad += weights.T @ block / tau
+            if ctx.needs_input_grad[2]:  # logits = scores / tau: d/d tau = -scores / tau^2
+                tau_grad = tau_grad - (weights * (block @ candidates.T)).sum() / tau**2
+        return query_grad, candidates_grad, tau_grad if ctx.needs_input_grad[2] else None, None, None, None
+
+
+def _block_logits(query: torch.Tensor, candidates: torch.Tensor, tau: torch.Tensor, shift: torch.Tensor | None,
+                  removed: torch.Tensor) -> torch.Tensor:
+    logits = query @ candidates.T / tau
+    if shift is not None:
+        logits -= shift.unsqueeze(0)
+    return logits.masked_fill_(removed, torch.finfo(logits.dtype).min)
 
 
 def symmetric_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, temperature: float | torch.Tensor,
@@ -102,8 +182,7 @@ def symmetric_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
         user_positive = gather_no_grad(item_ids, group)
         chose = user_positive.unsqueeze(0) == item_ids.unsqueeze(1)
         if history_ids is not None and history_ids.numel():
-            user_history = gather_padded(history_ids, group, pad=-1)
-            chose = chose | (user_history.unsqueeze(0) == item_ids.view(-1, 1, 1)).any(dim=-1)
+            chose |= in_histories(item_ids, gather_padded(history_ids, group, pad=-1)).T
         logits = _masked(logits, chose & ~_own(chose, own_user))
     backward = F.cross_entropy(logits, own_user)
     return (forward + backward) / 2

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from model.augment import MASKED, augment, crop, mask, reorder
-from model.loss import (Temperature, catalog_loss, contrastive_loss, next_item_positions, position_loss, pairwise_softmax_loss, symmetric_loss, triplet_loss,
-                        uniformity_loss, user_contrastive_loss)
+from model.loss import (Temperature, candidate_scores, catalog_loss, contrastive_loss, next_item_positions,
+                        pairwise_softmax_loss, position_loss, symmetric_loss, triplet_loss, uniformity_loss,
+                        user_contrastive_loss)
 from model.objective import Objective
 
 
@@ -56,6 +57,31 @@ def test_infonce_matches_a_naive_loop() -> None:
         logits = torch.stack([query[i] @ item[j] / 0.2 - logq[j] for j in kept])
         total += float(-torch.log_softmax(logits, 0)[kept.index(i)])
     assert float(got) == pytest.approx(total / 6, rel=1e-5)
+
+
+
+@pytest.mark.parametrize("block_elements", [6, 12, 2**22])  # a row, two rows, every row at once
+def test_infonce_in_row_blocks_gives_the_whole_matrix_gradients(monkeypatch: pytest.MonkeyPatch,
+                                                                block_elements: int) -> None:
+    import model.loss
+
+    monkeypatch.setattr(model.loss, "BLOCK_ELEMENTS", block_elements)
+
+    def leaves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return embeddings(6, 7).requires_grad_(), embeddings(6, 8).requires_grad_(), torch.tensor(0.3, requires_grad=True)
+
+    logq = torch.linspace(-3, -1, 6)
+    query, item, tau = leaves()
+    got = contrastive_loss(query, item, ITEM_IDS, temperature=tau, history_ids=HISTORY, logq=logq)
+    got.backward()
+    ref_query, ref_item, ref_tau = leaves()
+    scores, positive, removed = candidate_scores(ref_query, ref_item, ITEM_IDS, history_ids=HISTORY)
+    logits = (scores / ref_tau - logq).masked_fill(removed, torch.finfo(scores.dtype).min)
+    expected = F.cross_entropy(logits, positive)
+    expected.backward()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    for mine, ref in ((query, ref_query), (item, ref_item), (tau, ref_tau)):
+        assert mine.grad is not None and torch.allclose(mine.grad, ref.grad, atol=1e-6), (mine.grad, ref.grad)
 
 
 def test_uniformity_matches_a_naive_loop_and_skips_same_id_pairs() -> None:

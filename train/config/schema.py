@@ -142,6 +142,9 @@ class TrainConfig:
     keep_last: int = doc(2, "checkpoints kept (older ones are deleted); 0 = keep all")
     precision: str = doc("fp32", "fp32 | bf16 | fp16 mixed precision (autocast; engines' own mechanisms)")
     collective_timeout: int = doc(600, "seconds a rank waits in a collective before giving up (dead peer)")
+    grad_cache_chunk: int = doc(0, "gradient caching: embed users and items in chunks of this many rows without a "
+                                   "graph, take the loss over the whole global batch once, then replay each chunk "
+                                   "with its graph (memory of one chunk, negatives of the whole batch); 0 = off")
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -157,6 +160,7 @@ class TrainConfig:
         check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
         one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
+        check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0 = off)")
 
 
 @dataclass

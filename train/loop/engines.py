@@ -75,6 +75,20 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    # Gradient caching (train/loop/cached_step.py) makes one step's gradient from several
+    # backward calls, one per replayed chunk; the ranks must reduce it once, after the last.
+    # The last backward reaches every trainable parameter (DDP's reducer waits for each).
+    last_backward_reaches_all = False
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Around all of a step's backward calls: the engine reduces their sum across ranks once."""
+        yield
+
+    def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around one call's forward and backward: all but the `last` keep their gradients local."""
+        return contextlib.nullcontext()
+
     def step(self) -> None:
         """Clip, step the optimizer and the schedule, clear gradients."""
         if self.scaler:
@@ -126,7 +140,13 @@ class DDPEngine(Engine):
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         # Users and items are two forward calls before one backward; every trainable parameter
         # gets its gradient once per backward all the same, so the default (static) reducer is right.
-        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.wrapped = self.ddp
+
+    last_backward_reaches_all = True
+
+    def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
 
 
 class AccelerateEngine(Engine):
@@ -149,6 +169,11 @@ class AccelerateEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
+
+    last_backward_reaches_all = True  # DDP underneath at more than one process
+
+    def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
 
     def step(self) -> None:
         if self.config.train.grad_clip > 0:
@@ -173,6 +198,11 @@ class DeepSpeedEngine(Engine):
         except json.JSONDecodeError as err:
             raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
         # The run config is the one source of batch size, clipping and precision.
+        accumulation = ds.get("gradient_accumulation_steps", 1)
+        if accumulation not in (1, "auto"):
+            log.warning("%s: gradient_accumulation_steps=%s is ignored: accumulating would shrink every softmax "
+                        "to one micro-batch's negatives; train.grad_cache_chunk keeps the whole batch's at one "
+                        "chunk's memory", path, accumulation)
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         ds["gradient_accumulation_steps"] = 1
         ds["train_batch_size"] = cfg.train.batch_size * self.dist.world_size
@@ -207,6 +237,23 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> None:
         self.engine.step()  # clips, steps optimizer and schedule, clears gradients
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        # ZeRO 1-3 partition the gradients as they arrive: only coalesce_grad_reduction (DeepSpeed
+        # >= 0.19) holds several backward calls' gradients locally and reduces them once on exit.
+        if self.stage == 0:
+            yield
+            return
+        if not hasattr(self.engine, "coalesce_grad_reduction"):
+            raise UserError(f"train.grad_cache_chunk under DeepSpeed ZeRO-{self.stage} needs deepspeed>=0.19 "
+                            "(engine.coalesce_grad_reduction); pip install -U deepspeed")
+        with self.engine.coalesce_grad_reduction():
+            yield
+
+    def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        # Stage 0 reduces after each backward unless told not to (no_sync refuses stages 2-3).
+        return self.engine.no_sync() if self.stage == 0 and not last else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:

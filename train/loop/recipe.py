@@ -27,6 +27,7 @@ from train.loop.engines import Engine, choose
 from train.loop.guards import StopGuard, require_finite
 from train.loop.meter import Meter
 from train.loop.schedule import Every
+from train.loop.cached_step import CachedStep
 from train.loop.step import StepResult, TrainStep
 from train.modeling import checkpoint
 from train.modeling.build import build_model, load_inputs
@@ -72,7 +73,8 @@ class Trainer:
         self.setup_model()
         self.engine: Engine = engine_class(config, self.dist)
         self.engine.build(self.model)
-        self.stepper = TrainStep(config, self.model, self.engine, self.collator, self.inputs.token_items,
+        step_class = CachedStep if config.train.grad_cache_chunk else TrainStep
+        self.stepper = step_class(config, self.model, self.engine, self.collator, self.inputs.token_items,
                                self.dist.device, self.dist.world_size, self.evaluator.catalog_tokens,
                                self.evaluator.state_cache(self.encoder))
         # Per-rank randomness (LoRA dropout) after identical initialisation.

@@ -85,10 +85,15 @@ class TrainStep:
         tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.refresh_catalog(step)
-        loss = self.loss(self.embed(batch), batch)
-        self.engine.backward(loss)
+        loss = self.forward_backward(batch)
         self.engine.step()
         return StepResult(loss.detach(), samples, tokens)
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """This rank's loss, its gradient left in the parameters (reduced across ranks)."""
+        loss = self.loss(self.embed(batch), batch)
+        self.engine.backward(loss)
+        return loss
 
     def embed(self, batch: Batch) -> TextEmbeddings | SequenceEmbeddings:
         """User and item embeddings of a batch, with their autograd graphs."""
@@ -114,24 +119,33 @@ class TrainStep:
         history item's gradient reaches its one encoding wherever it was encoded. With
         loss.negatives=catalog the candidates are every catalog item instead, each rank encoding
         its share of the catalog live (SASRec's full softmax, no stale rows)."""
-        ids = batch["batch_item_ids"] if self.catalog_share is None else self.catalog_share
-        if self.state_cache is not None:  # only the trained top layers run
-            states, mask = self.state_cache.batch(ids.cpu(), self.collator.padding_side, self.device)
-            local = self.engine.forward(None, mask, lower_states=states, item_ids=ids)
-        else:
-            if ids is batch["batch_item_ids"]:
-                tokens, mask = batch["item_input_ids"], batch["item_attention_mask"]
-            else:
-                catalog = self.catalog_tokens()
-                tokens, mask = (t.to(self.device) for t in self.collator.pad([catalog[i] for i in ids.tolist()]))
-            local = self.engine.forward(tokens, mask, item_ids=ids)
-        candidates, candidate_ids, first = distinct_items(local, ids)
+        ids = self.local_item_ids(batch)
+        candidates, candidate_ids, first = distinct_items(self.encode_items(batch, ids), ids)
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
         _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=inputs)
         known = next_ids >= 0
         return SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
                                   candidates, first)
+
+    def local_item_ids(self, batch: Batch) -> torch.Tensor:
+        """The items this rank encodes (user_encoder=items): its rows' distinct items, or its
+        share of the catalog with loss.negatives=catalog."""
+        return batch["batch_item_ids"] if self.catalog_share is None else self.catalog_share
+
+    def encode_items(self, batch: Batch, ids: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """`ids[rows]` (local_item_ids) through the encoder's trained part: from their cached
+        lower-layer states (model.trained_layers), the batch's item tokens, or the catalog's."""
+        chosen = ids[rows]
+        if self.state_cache is not None:  # only the trained top layers run
+            states, mask = self.state_cache.batch(chosen.cpu(), self.collator.padding_side, self.device)
+            return self.engine.forward(None, mask, lower_states=states, item_ids=chosen)
+        if self.catalog_share is None:
+            tokens, mask = batch["item_input_ids"][rows], batch["item_attention_mask"][rows]
+        else:
+            catalog = self.catalog_tokens()
+            tokens, mask = (t.to(self.device) for t in self.collator.pad([catalog[i] for i in chosen.tolist()]))
+        return self.engine.forward(tokens, mask, item_ids=chosen)
 
     def loss(self, embeddings: TextEmbeddings | SequenceEmbeddings, batch: Batch) -> torch.Tensor:
         """This rank's share of the global batch's loss (model/loss.py's contract)."""
