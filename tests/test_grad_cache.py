@@ -192,3 +192,32 @@ def test_every_loss_caches(workdir: Path, world_size: int) -> None:
     key = f"{engines[0][0]}{engines[0][1]}"
     for loss in LOSSES:
         assert_same(results[0][(key, (*loss, "train.grad_cache_chunk=3"))], results[0][(key, loss)], loss)
+
+
+def test_accumulation_asked_by_a_launcher_is_overridden(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """accelerate launch's --gradient_accumulation_steps and a DeepSpeed JSON's
+    gradient_accumulation_steps would shrink the negatives (and Accelerate would divide the loss
+    by it): both are overridden to 1, with a warning, and the gradients stay the plain step's."""
+    import json
+
+    from train.config.io import load_config
+    from train.distributed import from_environment
+    from train.loop.engines import DeepSpeedEngine
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}))
+    setting = ("train.grad_cache_chunk=2", f"deepspeed.config={ds_json}")
+    config = load_config(None, tiny_config(workdir, "deepspeed", 2, 1, setting))
+    assert DeepSpeedEngine(config, from_environment("cpu", {})).ds_config()["gradient_accumulation_steps"] == 1
+    assert "gradient_accumulation_steps=4 is ignored" in caplog.text
+    assert from_environment("cpu", {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}).accumulation == 4
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # what accelerate launch sets
+    engines = [("plain", -1), ("accelerate", -1), ("deepspeed", 2)]
+    (results,) = run_ranks(gradients, 1, str(workdir), engines, [setting], (), timeout=600)
+    for engine in ("accelerate-1", "deepspeed2"):
+        loss, moved, _ = results[(engine, setting)]
+        ref_loss, ref_moved, _ = results[("plain-1", setting)]
+        assert loss == pytest.approx(ref_loss, abs=1e-5), engine
+        assert all(torch.allclose(moved[n], ref_moved[n], atol=1e-5) for n in ref_moved), engine

@@ -41,6 +41,9 @@ class DistState:
     world_size: int
     device: torch.device
     launcher: str = "none"
+    # Gradient accumulation a launcher asked for (accelerate launch --gradient_accumulation_steps):
+    # rectrain does not accumulate (see train.grad_cache_chunk), so the engine warns and overrides it.
+    accumulation: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -84,8 +87,13 @@ def from_environment(device: str = "auto", environ: dict[str, str] | None = None
                 os.environ.setdefault("RANK", str(rank))
                 os.environ.setdefault("WORLD_SIZE", str(size))
                 os.environ.setdefault("LOCAL_RANK", str(local))
-            return DistState(rank, local, size, _pick_device(device, local), launcher(env))
-    return DistState(0, 0, 1, _pick_device(device, 0), launcher(env))
+            return DistState(rank, local, size, _pick_device(device, local), launcher(env), _accumulation(env))
+    return DistState(0, 0, 1, _pick_device(device, 0), launcher(env), _accumulation(env))
+
+
+def _accumulation(env: dict[str, str] | os._Environ[str]) -> int:
+    value = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    return int(value) if value.isdigit() else 1
 
 
 def init_process_group(dist_state: DistState, timeout_s: int) -> None:

@@ -156,10 +156,18 @@ class AccelerateEngine(Engine):
 
     def build(self, model: RecModel) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
 
         super().build(model)
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
-        self.accelerator = Accelerator(cpu=self.dist.device.type == "cpu", mixed_precision=mixed)
+        if self.dist.accumulation > 1:
+            log.warning("accelerate: gradient_accumulation_steps=%d is ignored: accumulating would shrink every "
+                        "softmax to one micro-batch's negatives; train.grad_cache_chunk keeps the whole batch's at "
+                        "one chunk's memory", self.dist.accumulation)
+        # An explicit plugin: Accelerator would otherwise take the launcher's accumulation and divide
+        # every loss by it in backward.
+        self.accelerator = Accelerator(cpu=self.dist.device.type == "cpu", mixed_precision=mixed,
+                                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
         self.scaler = None  # the Accelerator scales fp16 losses itself
         # The schedule stays ours: Accelerate's wrapper would advance it once per process per step.
         self.wrapped, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -173,7 +181,11 @@ class AccelerateEngine(Engine):
     last_backward_reaches_all = True  # DDP underneath at more than one process
 
     def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
+        # The wrapper's own no_sync: Accelerator.no_sync does nothing at one process, where a
+        # process group of one still gets the model wrapped in DDP.
+        if last or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
 
     def step(self) -> None:
         if self.config.train.grad_clip > 0:
