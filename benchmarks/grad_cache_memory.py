@@ -2,7 +2,7 @@
 caching (train.grad_cache_chunk), in one run.
 
     python benchmarks/grad_cache_memory.py [--backbone debug|smollm2] [--batches 64 256 1024 4096]
-                                           [--chunk 64] [--steps 2] [key.sub=value ...]
+                                           [--chunk 64] [--steps 2] [--mmap-threshold BYTES] [key.sub=value ...]
 
 - `debug`: the default random Llama (hidden 64), users as prompts (model.user_encoder=text), on
   a synthetic log; every user and item of the batch goes through the backbone.
@@ -14,12 +14,19 @@ Each (batch, caching) pair runs in a fresh process so that its peak is its own: 
 torch.cuda.max_memory_allocated on a GPU. Printed per pair: the peak, how far the steps took it
 above the peak of start-up (model, data, catalog cache: what the batch size does not change),
 and samples/s over `--steps` steps after a warm-up step; then the command.
+
+On CPU, max RSS also counts what glibc's allocator keeps of freed memory: by default, blocks
+freed after its dynamic mmap threshold has grown stay in its heap, so thousands of chunk
+replays leave a step's RSS well above what is alive at any moment. `--mmap-threshold 65536`
+(MALLOC_MMAP_THRESHOLD_ in the children) has every allocation above 64 KiB mapped on its own
+and returned when freed, so the peak is the live memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shlex
 import subprocess
@@ -77,6 +84,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--chunk", type=int, default=64, help="train.grad_cache_chunk of the cached runs")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="MALLOC_MMAP_THRESHOLD_ of the measuring processes (0: glibc's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # JSON: a child process measuring one pair
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
@@ -89,13 +98,16 @@ def main() -> None:
               "train.max_steps=1000", "train.log_every=1000"]
     if config_path is None:
         common += [f"data.dir={work}/data"]
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     rows = []
     for batch in args.batches:
         for chunk in (0, args.chunk):
             overrides = [*common, f"train.batch_size={batch}", f"train.grad_cache_chunk={chunk}",
                          f"output_dir={work}/run-{batch}-{chunk}"]
             done = subprocess.run([sys.executable, __file__, "--backbone", args.backbone, "--steps", str(args.steps),
-                                   "--child", json.dumps(overrides)], cwd=ROOT, capture_output=True, text=True)
+                                   "--child", json.dumps(overrides)], cwd=ROOT, capture_output=True, text=True, env=env)
             if done.returncode:
                 # Out of memory is a result too: the batch does not fit without caching.
                 result = {"error": done.stderr.strip().splitlines()[-1][:80] if done.stderr.strip() else "killed"}
@@ -105,6 +117,7 @@ def main() -> None:
             print(f"batch {batch} chunk {chunk}: {result}", file=sys.stderr, flush=True)
     print(f"\ncommand: (cd {ROOT.name} && python benchmarks/grad_cache_memory.py --backbone {args.backbone} "
           f"--batches {' '.join(map(str, args.batches))} --chunk {args.chunk} --steps {args.steps} "
+          f"--mmap-threshold {args.mmap_threshold} "
           f"{' '.join(shlex.quote(o) for o in args.overrides)})".rstrip())
     print(f"{'batch':>6}{'caching':>10}{'peak MB':>10}{'steps added MB':>16}{'samples/s':>11}")
     for batch, chunk, r in rows:

@@ -33,18 +33,20 @@ def false_negative_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor, pos
     """
     same = candidate_ids.unsqueeze(0) == item_ids.unsqueeze(1)
     if history_ids is not None and history_ids.numel():
-        same |= in_histories(candidate_ids, history_ids)
+        in_histories(candidate_ids, history_ids, into=same)
     same[torch.arange(len(positive_column), device=same.device), positive_column] = False  # in place: [B, C] is big
     return same
 
 
-def in_histories(ids: torch.Tensor, history_ids: torch.Tensor) -> torch.Tensor:
-    """[B, C] True where ids[j] is in row i's history ([B, H], padded with -1; ids are >= 0).
+def in_histories(ids: torch.Tensor, history_ids: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C] True where ids[j] is in row i's history ([B, H], padded with -1; ids are >= 0),
+    or'ed into `into` when given.
 
     One history column at a time: comparing all of them at once takes a [B, C, H] tensor, which
     at a global batch of thousands outweighs the rest of the loss (and, with gradient caching,
     the whole encoder)."""
-    found = torch.zeros(history_ids.shape[0], ids.shape[0], dtype=torch.bool, device=ids.device)
+    found = into if into is not None else torch.zeros(history_ids.shape[0], ids.shape[0], dtype=torch.bool,
+                                                      device=ids.device)
     for column in history_ids.T:
         found |= ids.unsqueeze(0) == column.unsqueeze(1)
     return found
@@ -106,7 +108,7 @@ def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Te
 
 
 # Rows of a block in _BlockSoftmax: a block's [rows, C] logits hold at most this many floats.
-BLOCK_ELEMENTS = 2**22
+BLOCK_ELEMENTS = 2**20
 
 
 class _BlockSoftmax(torch.autograd.Function):

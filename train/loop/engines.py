@@ -254,13 +254,17 @@ class DeepSpeedEngine(Engine):
     def accumulating(self) -> Iterator[None]:
         # ZeRO 1-3 partition the gradients as they arrive: only coalesce_grad_reduction (DeepSpeed
         # >= 0.19) holds several backward calls' gradients locally and reduces them once on exit.
-        if self.stage == 0:
-            yield
-            return
-        if not hasattr(self.engine, "coalesce_grad_reduction"):
-            raise UserError(f"train.grad_cache_chunk under DeepSpeed ZeRO-{self.stage} needs deepspeed>=0.19 "
-                            "(engine.coalesce_grad_reduction); pip install -U deepspeed")
-        with self.engine.coalesce_grad_reduction():
+        # Without it (an older DeepSpeed, its bf16 optimizer wrapper) each backward reduces its own
+        # gradients: the sum is the same, the communication is once per chunk.
+        with contextlib.ExitStack() as stack:
+            if self.stage > 0:
+                try:
+                    stack.enter_context(self.engine.coalesce_grad_reduction())
+                except (AttributeError, NotImplementedError) as err:
+                    if not getattr(self, "warned_uncoalesced", False):
+                        log.warning("deepspeed cannot coalesce the gradient reduction of ZeRO-%d (%s): each "
+                                    "replayed chunk of train.grad_cache_chunk reduces its own", self.stage, err)
+                        self.warned_uncoalesced = True
             yield
 
     def deferred(self, last: bool) -> contextlib.AbstractContextManager[Any]:
