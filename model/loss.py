@@ -91,6 +91,10 @@ def _masked(logits: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(removed, torch.finfo(logits.dtype).min)
 
 
+# Past this many [B, C] logits, InfoNCE runs in row blocks (_BlockSoftmax): each block's [rows, C] logits hold at most this many floats.
+BLOCK_ELEMENTS = 2**20
+
+
 def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, *, temperature: float | torch.Tensor,
                      history_ids: torch.Tensor | None = None, logq: torch.Tensor | None = None,
                      mask_false_negatives: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -103,12 +107,16 @@ def contrastive_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Te
     # Popular items are over-represented as in-batch negatives; subtracting log q_j turns the
     # sampled softmax into an estimate of the full-catalog softmax.
     shift = None if logq is None else gather_no_grad(logq.to(query.dtype), group)
+    if query.shape[0] * candidates.shape[0] <= BLOCK_ELEMENTS:
+        # One block's worth: autograd's own cross-entropy, whose gradient is bit-for-bit the one
+        # earlier releases computed (the blocked backward rounds differently, and Adam magnifies
+        # rounding in near-zero gradients into different weights: a resumed run would drift).
+        logits = query @ candidates.T / temperature
+        if shift is not None:
+            logits = logits - shift.unsqueeze(0)
+        return F.cross_entropy(_masked(logits, removed), positive_column)
     tau = torch.as_tensor(temperature, dtype=query.dtype, device=query.device)
     return _BlockSoftmax.apply(query, candidates, tau, shift, removed, positive_column)
-
-
-# Rows of a block in _BlockSoftmax: a block's [rows, C] logits hold at most this many floats.
-BLOCK_ELEMENTS = 2**20
 
 
 class _BlockSoftmax(torch.autograd.Function):
