@@ -63,7 +63,7 @@ INTERACTION_ROWS: list[tuple[str, str, int]] = [
 
 _ATOMIC_TYPES = {"user_id": "token", "item_id": "token", "timestamp": "float", "title": "token_seq",
                  "genre": "token_seq"}
-EXTENSIONS = {"csv": "csv", "tsv": "tsv", "parquet": "parquet", "jsonl": "jsonl", "atomic": None}
+EXTENSIONS = {"csv": "csv", "tsv": "tsv", "parquet": "parquet", "jsonl": "jsonl", "atomic": None, "hf": "hf"}
 
 
 def write_table(path: Path, fmt: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -84,6 +84,10 @@ def write_table(path: Path, fmt: str, columns: Sequence[str], rows: Sequence[Seq
     elif fmt == "parquet":
         table = pa.table({c: [row[i] for row in rows] for i, c in enumerate(columns)})
         pq.write_table(table, path)
+    elif fmt == "hf":  # a Hugging Face datasets folder, as Dataset.save_to_disk writes it
+        import datasets
+
+        datasets.Dataset.from_dict({c: [row[i] for row in rows] for i, c in enumerate(columns)}).save_to_disk(str(path))
     else:
         raise ValueError(fmt)
     return path

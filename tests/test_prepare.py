@@ -268,7 +268,7 @@ def test_no_training_pair_fails(write_dataset) -> None:
 
 # --------------------------------------------------------------- every input format
 
-@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl", "atomic"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl", "atomic", "hf"])
 def test_every_format_reads_the_same_data(write_dataset, fmt: str) -> None:
     dataset = write_dataset(fmt)
     manifest = _prepare(dataset)
@@ -306,7 +306,7 @@ ZERO_IDS_INTERACTIONS = [("0042", "007", 1), ("0042", "7", 2), ("0042", "1.0", 3
 ZERO_IDS_CATALOG = [("007", "Bond", "Spy"), ("7", "Seven", "Crime"), ("1.0", "One", "Drama")]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl", "atomic"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl", "atomic", "hf"])
 def test_ids_stay_strings(write_dataset, fmt: str) -> None:
     # "007" and "7" are different items and "0042" and "42" different users: nothing may read
     # them as numbers.

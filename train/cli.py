@@ -1,5 +1,6 @@
-"""`rectrain <prepare|train|eval> CONFIG [key.sub=value ...]` — the thin entry point: parse, load the
-config, read the distributed state, hand over to the command's recipe."""
+"""`rectrain <prepare|train|eval> CONFIG [key.sub=value ...]` and `rectrain <export|recommend|serve>
+DIR [options]` — the thin entry point: parse, load the config, read the distributed state, hand
+over to the command's recipe."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from train.config.schema import Config
 from train.config.io import describe_keys, load_config
 from train.distributed import DistState, from_environment
 from train.errors import UserError
+from train.serve.commands import SERVING, add_serving_commands, run_serving
 
 DESCRIPTION = """\
 rectrain fine-tunes a decoder LLM with LoRA so that a user's history, rendered as text, lands
@@ -30,6 +32,9 @@ launch/slurm/train.sbatch (each explains itself with --help; the engine follows 
 Every command reads a YAML config; any key can be overridden after it with dotted keys:
   rectrain train configs/debug.yaml train.max_steps=50 output_dir=runs/try
 Run `rectrain <command> --help` for what each command does and every config key.
+
+After training: `rectrain export RUN_DIR` (PEFT, transformers, sentence-transformers, item index),
+`rectrain recommend EXPORT_DIR --history ID,ID`, `rectrain serve EXPORT_DIR` (HTTP).
 """
 
 COMMANDS = {
@@ -70,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=_key_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("config", help="YAML config file (see configs/)")
         command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    add_serving_commands(sub)
     return parser
 
 
 def _setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="rectrain: %(message)s",
                         stream=sys.stderr, force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dist_state: DistState | None = None
     try:
+        if args.command in SERVING:
+            _setup_logging(True)
+            return run_serving(args)
         config = load_config(args.config, args.overrides)
         dist_state = from_environment(config.device)
         _setup_logging(dist_state.is_main)

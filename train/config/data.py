@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from train.config.fields import check, doc, one_of
 
 
-DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic", "movielens", "amazon", "unisrec")
+DATA_FORMATS = ("synthetic", "csv", "tsv", "parquet", "jsonl", "atomic", "hf", "movielens", "amazon", "unisrec")
 
 
 @dataclass
@@ -57,10 +57,11 @@ class DataConfig:
 
     dir: str = doc("data/debug", "prepared data directory (shards, catalog, splits, manifest)")
     shards: str = doc("", "training shard URLs overriding the manifest's: paths, brace patterns, pipe: commands")
-    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole) | movielens "
+    format: str = doc("synthetic", "synthetic | csv | tsv | parquet | jsonl | atomic (RecBole) | hf (a Hugging "
+                                   "Face datasets folder from save_to_disk, or a hub name; NAME#SPLIT) | movielens "
                                    "(100K, 1M/10M, latest; detected) | amazon (2018, 2023; detected) | unisrec")
-    interactions: str = doc("", "interaction log file (any format but synthetic)")
-    catalog: str = doc("", "item catalog file (any format but synthetic)")
+    interactions: str = doc("", "interaction log file (any format but synthetic; data.format=hf: a dataset)")
+    catalog: str = doc("", "item catalog file (any format but synthetic; data.format=hf: a dataset)")
     min_rating: float = doc(float("-inf"), "keep only interactions rated at least this (needs ratings); "
                                            "-.inf = keep all")
     k_core: int = doc(0, "k-core: drop users and items with fewer than k interactions, repeatedly, until all "

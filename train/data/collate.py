@@ -69,14 +69,22 @@ class PromptCollator:
     def user_texts(self, histories: Sequence[Sequence[int]]) -> list[str]:
         flat = [i for h in histories for i in h if i != MASKED]
         texts = iter(self.catalog.texts(flat, "history")) if flat else iter(())
-        return [render_user(self.prompt.user_template, self.prompt.instruction,
-                            [self.prompt.mask_text if i == MASKED else next(texts) for i in h],
-                            self.prompt.history_separator) for h in histories]
+        return [self.user_prompt([self.prompt.mask_text if i == MASKED else next(texts) for i in h])
+                for h in histories]
+
+    def user_prompt(self, history_texts: Sequence[str]) -> str:
+        """A user's prompt from the texts of their history items, most recent last."""
+        return render_user(self.prompt.user_template, self.prompt.instruction, history_texts,
+                           self.prompt.history_separator)
 
     def user_tokens(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
+        return self.tokenize_users(self.user_texts(histories))
+
+    def tokenize_users(self, prompts: list[str]) -> list[list[int]]:
+        """User prompts -> token lists: cut to max_user_tokens from the oldest history on, then EOS."""
         budget = self.prompt.max_user_tokens - len(self.eos)
         out = []
-        for ids in self._ids(self.user_texts(histories)):
+        for ids in self._ids(prompts):
             if len(ids) > budget:
                 head = min(self.head_tokens, budget // 2)
                 ids = ids[:head] + ids[len(ids) - (budget - head):]
@@ -84,8 +92,12 @@ class PromptCollator:
         return out
 
     def item_tokens(self, item_indices: Sequence[int]) -> list[list[int]]:
+        return self.tokenize_items(self.catalog.texts(item_indices))
+
+    def tokenize_items(self, texts: list[str]) -> list[list[int]]:
+        """Item texts -> token lists: cut to max_item_tokens - 1, then EOS."""
         budget = self.prompt.max_item_tokens - len(self.eos)
-        return [ids[:budget] + self.eos for ids in self._ids(self.catalog.texts(item_indices))]
+        return [ids[:budget] + self.eos for ids in self._ids(texts)]
 
     def pad(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad(token_lists, self.pad_id, self.padding_side)

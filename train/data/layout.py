@@ -80,7 +80,13 @@ def fingerprint(config: Config) -> dict[str, Any]:
 
 
 def _file_stamp(path: str) -> dict[str, Any]:
-    resolved = Path(path).resolve()
+    # data.format=hf: NAME#SPLIT names a split of a datasets folder, whose files count together.
+    name, _, split = ("", "", "") if Path(path).exists() else path.partition("#")
+    resolved = Path(name or path).resolve()
+    if resolved.is_dir():
+        stats = [p.stat() for p in sorted(resolved.rglob("*")) if p.is_file()]
+        return {"path": str(resolved) + (f"#{split}" if split else ""), "bytes": sum(s.st_size for s in stats),
+                "mtime": max((s.st_mtime for s in stats), default=None)}
     stat = resolved.stat() if resolved.is_file() else None
     return {"path": str(resolved), "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None}
 

@@ -1,5 +1,6 @@
-"""Readers of raw interaction logs and item catalogs: CSV, TSV, Parquet, JSON lines, RecBole atomic
-(named dataset layouts, MovieLens, Amazon, UniSRec, are in train.data.prepare.formats).
+"""Readers of raw interaction logs and item catalogs: CSV, TSV, Parquet, JSON lines, RecBole atomic,
+Hugging Face `datasets` (named dataset layouts, MovieLens, Amazon, UniSRec, are in
+train.data.prepare.formats).
 
 Every reader returns an Arrow table holding just the requested columns, ids as strings (so
 "007" stays "007"), and raises `UserError` naming the file and column or line on bad input.
@@ -43,14 +44,18 @@ def _first_row_of_header(fmt: str) -> int:
 
 
 def row_location(path: Path, fmt: str, row: int) -> str:
-    """'file line N' for text formats, 'file row N' for Parquet (row counts from 1)."""
-    if fmt == "parquet":
+    """'file line N' for text formats, 'file row N' for Parquet and datasets (row counts from 1)."""
+    if fmt in ("parquet", "hf"):
         return f"{path} row {row + 1}"
     return f"{path} line {row + _first_row_of_header(fmt)}"
 
 
 def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> pa.Table:
     """Read `columns` of `path` (format `fmt`) as strings. `role` names the config key in errors."""
+    if fmt == "hf":
+        table = hf_table(str(path), role)
+        _require(Path(path), columns, table.column_names)
+        return pa.table({c: _as_strings(table.column(c)) for c in columns})
     path = existing_file(path, role)
     try:
         if fmt in _DELIMITERS:
@@ -78,6 +83,10 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
     raise `UserError` as in read_columns, possibly after earlier blocks were yielded. Closing
     the generator closes the file.
     """
+    if fmt == "hf":
+        yield from (pa.table({c: _as_strings(batch.column(c)) for c in columns})
+                    for batch in _chunks(read_columns(path, fmt, columns, role), max(1, block_bytes // ROW_BYTES)))
+        return
     path = existing_file(path, role)
     tables = _json_tables(path, columns, block_bytes) if fmt == "jsonl" else _batch_tables(path, fmt, columns,
                                                                                             block_bytes)
@@ -91,6 +100,43 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
 
 # A log row of ids and a time is a few tens of bytes of text: a Parquet block's rows are its bytes / this.
 ROW_BYTES = 32
+
+
+def _chunks(table: pa.Table, rows: int) -> Generator[pa.Table, None, None]:
+    for batch in table.to_batches(max_chunksize=rows):
+        yield pa.Table.from_batches([batch])
+
+
+def hf_table(location: str, role: str) -> pa.Table:
+    """A Hugging Face `datasets` dataset as one Arrow table (memory-mapped, no copy): a folder
+    written by `save_to_disk`, or a hub name (read when online). `NAME#SPLIT` picks a split;
+    without one, a dataset of several splits gives "train", or its only split."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{role}: data.format=hf needs the datasets package (pip install datasets)") from None
+    name, _, split = location.partition("#")
+    path = Path(name)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{role}: {name} is a file; data.format=hf reads a folder written by save_to_disk, "
+                        "or a hub name")
+    try:
+        loaded = datasets.load_from_disk(name) if path.is_dir() else datasets.load_dataset(name)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{role}: cannot load {name!r} as a datasets dataset: {first}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        chosen = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else "")
+        if chosen not in splits:
+            raise UserError(f"{role}: {name} has splits {', '.join(splits)}; name one as {name}#SPLIT")
+        loaded = loaded[chosen]
+    elif split:
+        raise UserError(f"{role}: {name} is a single dataset, it has no split {split!r}")
+    # A dataset narrowed by select/shuffle keeps an index mapping over the full table: apply it.
+    if getattr(loaded, "_indices", None) is not None:
+        loaded = loaded.flatten_indices()
+    return loaded.data.table
 
 
 def _batch_tables(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Generator[pa.Table, None, None]:
