@@ -109,7 +109,7 @@ def test_zero_byte_catalog(tmp_path: Path, write_dataset, capsys: pytest.Capture
     dataset = write_dataset("csv")
     dataset["catalog"].write_bytes(b"")
     code, out, err = _run_prepare(tmp_path, dataset, capsys=capsys)
-    _assert_clean_failure(code, out, err, dataset, f"{dataset['catalog']}: missing column 'item_id' (columns: none)")
+    _assert_clean_failure(code, out, err, dataset, f"{dataset['catalog']}: the file is empty")
 
 
 def test_unknown_item_with_fail(tmp_path: Path, write_dataset, capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,7 +144,7 @@ def test_ragged_csv_row_names_the_file_and_row(tmp_path: Path, write_dataset,
     path.write_text(path.read_text() + "u9,a1\n")
     code, out, err = _run_prepare(tmp_path, dataset, capsys=capsys)
     _assert_clean_failure(code, out, err, dataset,
-                          f"{path}: cannot read as csv: CSV parse error: Expected 3 columns, got 2: u9,a1")
+                          f"{path} line 18: expected 3 fields, found 2")
 
 
 def test_broken_json_line(tmp_path: Path, write_dataset, capsys: pytest.CaptureFixture[str]) -> None:

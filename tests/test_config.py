@@ -123,7 +123,7 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("eval.k=[0]", "eval.k: must be a non-empty list of ints >= 1"),
     ("eval.k=[]", "eval.k: must be a non-empty list of ints >= 1"),
     ("eval.split=train", "eval.split: must be one of valid, test (got 'train')"),
-    ("data.format=xml", "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic, movielens, amazon, unisrec (got 'xml')"),
+    ("data.format=xml", "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic, hf, movielens, amazon, unisrec (got 'xml')"),
     ("data.unknown_items=keep", "data.unknown_items: must be one of drop, fail (got 'keep')"),
     ("data.max_history=0", "data.max_history: must be >= 1"),
     ("data.shard_size=0", "data.shard_size: must be >= 1"),

@@ -408,8 +408,8 @@ def _fails(tmp_path: Path, capsys: pytest.CaptureFixture[str], expected: str, *o
 
 
 def test_unknown_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _fails(tmp_path, capsys, "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic, movielens, "
-                             "amazon, unisrec (got 'xml')", "data.format=xml", "data.interactions=a", "data.catalog=b")
+    _fails(tmp_path, capsys, "data.format: must be one of synthetic, csv, tsv, parquet, jsonl, atomic, hf, "
+                             "movielens, amazon, unisrec (got 'xml')", "data.format=xml", "data.interactions=a", "data.catalog=b")
 
 
 def test_movielens_ratings_of_another_shape(tmp_path: Path, write_dataset,

@@ -16,7 +16,7 @@ import torch.distributed
 from train.config.schema import Config
 from train.config.io import describe_keys, load_config
 from train.distributed import DistState, from_environment
-from train.errors import UserError
+from train.errors import UserError, printable
 from train.serve.commands import SERVING, add_serving_commands, run_serving
 
 DESCRIPTION = """\
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(dist_state.is_main)
         return run(args.command, config, dist_state)
     except UserError as err:
-        print(f"rectrain: error: {err}", file=sys.stderr)
+        print(f"rectrain: error: {printable(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rectrain: interrupted", file=sys.stderr)

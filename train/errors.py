@@ -7,3 +7,10 @@ class UserError(Exception):
     The message must name what is wrong precisely enough to fix it: the config key, the file
     and line, or the column.
     """
+
+
+def printable(message: str, limit: int = 400) -> str:
+    """`message` as one printable line: control characters and the like escaped (a junk file's
+    bytes in a column name must not reach the terminal raw), cut to `limit` characters."""
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -10,9 +10,11 @@ large log without a Python object per interaction.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import datetime as dt
+import os
 import re
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -25,17 +27,25 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from train.data.prepare import sniff
 from train.errors import UserError
 
 _DELIMITERS = {"csv": ",", "tsv": "\t", "atomic": "\t"}
 
 
 def _header(path: Path, fmt: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        if fmt == "atomic":
-            # RecBole atomic headers are `name:type`; quotes in its fields are literal.
-            return [name.split(":", 1)[0] for name in handle.readline().rstrip("\r\n").split("\t")]
-        return next(csv.reader(handle, delimiter=_DELIMITERS[fmt]), [])
+    """The column names of a delimited file's first line (a byte-order mark is not part of the first)."""
+    head = sniff.head_of(path, fmt)
+    line = head.decode("utf-8-sig", errors="replace").splitlines()[0] if head.strip() else ""
+    if fmt == "atomic":
+        # RecBole atomic headers are `name:type`; quotes in its fields are literal.
+        names = [name.split(":", 1)[0] for name in line.split("\t")]
+    else:
+        names = next(csv.reader([line], delimiter=_DELIMITERS[fmt]), [])
+    twice = next((name for n, name in enumerate(names) if name in names[:n]), None)
+    if twice is not None:
+        raise UserError(f"{path}: column {twice!r} appears twice in the header")
+    return names
 
 
 def _first_row_of_header(fmt: str) -> int:
@@ -57,14 +67,16 @@ def read_columns(path: str | Path, fmt: str, columns: list[str], role: str) -> p
         _require(Path(path), columns, table.column_names)
         return pa.table({c: _as_strings(table.column(c)) for c in columns})
     path = existing_file(path, role)
+    if fmt in _DELIMITERS or fmt == "jsonl":
+        sniff.check_text(path, fmt)
     try:
         if fmt in _DELIMITERS:
-            table = pacsv.read_csv(path, **_csv_options(path, fmt, columns, 1 << 24))
+            table = pacsv.read_csv(sniff.open_stream(path), **_csv_options(path, fmt, columns, 1 << 24))
         elif fmt == "parquet":
             _require(path, columns, pq.read_schema(path).names)
             table = pq.read_table(path, columns=columns)
         elif fmt == "jsonl":
-            table = pajson.read_json(path)
+            table = pajson.read_json(pa.BufferReader(b"".join(_line_blocks(path, 1 << 24))))
             _require(path, columns, table.column_names)
             table = table.select(columns)
         else:
@@ -88,6 +100,8 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
                     for batch in _chunks(read_columns(path, fmt, columns, role), max(1, block_bytes // ROW_BYTES)))
         return
     path = existing_file(path, role)
+    if fmt in _DELIMITERS or fmt == "jsonl":
+        sniff.check_text(path, fmt)
     tables = _json_tables(path, columns, block_bytes) if fmt == "jsonl" else _batch_tables(path, fmt, columns,
                                                                                             block_bytes)
     try:
@@ -142,7 +156,7 @@ def hf_table(location: str, role: str) -> pa.Table:
 def _batch_tables(path: Path, fmt: str, columns: list[str], block_bytes: int) -> Generator[pa.Table, None, None]:
     """The blocks of a delimited or Parquet file, the reader closed however the iteration ends."""
     if fmt in _DELIMITERS:
-        with pacsv.open_csv(path, **_csv_options(path, fmt, columns, block_bytes)) as reader:
+        with pacsv.open_csv(sniff.open_stream(path), **_csv_options(path, fmt, columns, block_bytes)) as reader:
             for batch in reader:
                 yield pa.Table.from_batches([batch])
     elif fmt == "parquet":
@@ -193,8 +207,10 @@ def _json_block(block: bytes, first_row: int) -> pa.Table:
 def _line_blocks(path: Path, block_bytes: int) -> Generator[bytes, None, None]:
     """The file's bytes (decompressed for *.gz, *.bz2, ...) in blocks of whole lines of about
     `block_bytes`; a line longer than that is a block of its own."""
-    with pa.input_stream(str(path)) as stream:
-        pending: list[bytes] = []  # the start of a line that has not ended yet
+    with sniff.open_stream(path) as stream:
+        start = bytes(stream.read(3))
+        # The start of a line that has not ended yet (a byte-order mark is not part of it).
+        pending: list[bytes] = [] if start == codecs.BOM_UTF8 else [start]
         while data := stream.read(max(1, block_bytes)):
             cut = data.rfind(b"\n") + 1
             if not cut:
@@ -228,15 +244,24 @@ def _csv_options(path: Path, fmt: str, columns: list[str], block_bytes: int) -> 
 
 
 def existing_file(path: str | Path, role: str) -> Path:
-    """`path`, or a `UserError` saying that the file `role` names is not there."""
+    """`path`, or a `UserError` saying why the file `role` names cannot be opened."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{role}: file not found: {path}")
-    return path
+    if path.is_file():
+        return path
+    if path.is_symlink():
+        raise UserError(f"{role}: {path} is a broken symbolic link (to {os.readlink(path)})")
+    if path.is_dir():
+        raise UserError(f"{role}: {path} is a directory, not a file")
+    raise UserError(f"{role}: file not found: {path}")
 
 
 def _unreadable(path: Path, fmt: str, err: Exception) -> UserError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    if fmt in _DELIMITERS and isinstance(err, pa.ArrowInvalid):
+        # Arrow names a row of its read block, not a line of the file: find the line.
+        where = sniff.locate(path, fmt, len(_header(path, fmt)), _DELIMITERS[fmt], quoting=fmt != "atomic")
+        if where is not None:
+            return UserError(where)
+    first = sniff.first_line(err)
     # pyarrow >= 26 adds "Row #N: " counted inside its read block, not a file line: misleading here.
     first = re.sub(r"Row #\d+: ", "", first)
     return UserError(f"{path}: cannot read as {fmt}: {first}")
@@ -266,9 +291,15 @@ def parse_timestamps(column: pa.ChunkedArray, name: str, where: Callable[[int], 
     `where(row)` names a row's place in its file ("file line N") for the message.
     """
     try:
-        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), False
+        seconds = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
+    else:
+        infinite = np.flatnonzero(~np.isfinite(seconds))  # NaN and inf would sort anywhere
+        if len(infinite):
+            row = int(infinite[0])
+            raise UserError(f"{where(row)}: column {name!r}: {column[row].as_py()!r} is not a time")
+        return seconds, False
     # Naive times first, then times with a zone offset ("Z", "+02:00"), which Arrow parses only
     # into a zoned type; nanoseconds for the text of native nanosecond columns (e.g. Parquet).
     for stamp_type, per_second in ((pa.timestamp("us"), 1e6), (pa.timestamp("ns"), 1e9),

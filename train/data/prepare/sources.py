@@ -189,6 +189,9 @@ def spill_log(config: Config, source: LogSource, catalog_ids: pa.Array, spill: L
         spill.append(pa.table({"user_id": columns["user_id"], "item": item, "timestamp": columns["timestamp"],
                                "row": rows}).filter(keep))
         read += chunk.num_rows
+    if read == 0:
+        raise UserError(f"{data.interactions}: no interactions"
+                        f"{' (a header, no rows)' if data.format in ('csv', 'tsv', 'atomic') else ''}")
     dropped = read - known
     if dropped:
         if known == 0 and first_unknown is not None:
