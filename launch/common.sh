@@ -18,7 +18,7 @@ torchrun_train() {
     set -x
     exec python3 -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RUN_ID:-rectrain}" \
-        -m train.cli train "$CONFIG" "$@"
+        --max-restarts "$MAX_RESTARTS" -m train.cli train "$CONFIG" "$@"
 }
 
 NPROC=${NPROC_PER_NODE:-}
@@ -27,6 +27,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 HOSTFILE=${HOSTFILE:-}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 CONFIG=""
 ARGS=()
 while [ $# -gt 0 ]; do
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
         --node-rank) NODE_RANK=$2; shift 2 ;;
         --master) MASTER_ADDR=${2%:*}; [ "$2" != "${2#*:}" ] && MASTER_PORT=${2##*:}; shift 2 ;;
         --hostfile) HOSTFILE=$2; shift 2 ;;
+        --max-restarts) MAX_RESTARTS=$2; shift 2 ;;
         -*) echo "$(basename "$0"): unknown flag $1 (see --help)" >&2; exit 2 ;;
         *) if [ -z "$CONFIG" ]; then CONFIG=$1; else ARGS+=("$1"); fi; shift ;;
     esac

@@ -247,8 +247,7 @@ def test_a_log_of_no_rows(write_dataset) -> None:
     dataset = write_dataset("csv", interactions=[])
     with pytest.raises(UserError) as caught:
         _prepare(dataset["overrides"], TINY)
-    assert str(caught.value) == (f"{dataset['interactions']}: no user has two training interactions; "
-                                 "nothing to train on")
+    assert str(caught.value) == f"{dataset['interactions']}: no interactions (a header, no rows)"
     assert not dataset["dir"].parent.exists()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -123,6 +124,13 @@ def close_process_group(timeout_s: float = 60.0, meet: bool = True) -> None:
         try:
             if meet and dist.get_world_size() > 1:
                 dist.barrier()
+                # gloo's worker thread releases the barrier's work (and its tensor, which takes the
+                # GIL) just after the barrier returns. If the group's last reference drops first,
+                # in a thread that holds the GIL (DDP's reducer freed with the trainer), the group's
+                # destructor joins that worker while the worker waits for the GIL: the job hangs
+                # after its final table (seen under Slurm; py-spy showed ~ProcessGroupGloo joining a
+                # runLoop stuck in ~AsyncBarrierWork). Sleeping releases the GIL and lets it finish.
+                time.sleep(0.25)
         finally:
             dist.destroy_process_group()
 

@@ -77,11 +77,15 @@ class DataConfig:
     shard_size: int = doc(10000, "training samples per WebDataset shard")
     num_workers: int = doc(1, "DataLoader worker processes per rank (0 = in the main process)")
     shuffle_buffer: int = doc(2000, "samples held in the streaming shuffle buffer")
+    on_bad_shard: str = doc("fail", "a corrupt or truncated training shard: fail (every rank stops, the shard named) | "
+                                    "skip (its name and the samples lost are logged; every rank still takes the same "
+                                    "steps)")
     synthetic: SyntheticConfig = doc(SyntheticConfig(), "synthetic generator settings")
 
     def __post_init__(self) -> None:
         one_of(self.format, "data.format", DATA_FORMATS)
         one_of(self.unknown_items, "data.unknown_items", ("drop", "fail"))
+        one_of(self.on_bad_shard, "data.on_bad_shard", ("fail", "skip"))
         if self.format != "synthetic":
             check(bool(self.interactions), "data.interactions", f"required when data.format={self.format}")
             check(bool(self.catalog), "data.catalog", f"required when data.format={self.format}")

@@ -142,6 +142,8 @@ class TrainConfig:
     keep_last: int = doc(2, "checkpoints kept (older ones are deleted); 0 = keep all")
     precision: str = doc("fp32", "fp32 | bf16 | fp16 mixed precision (autocast; engines' own mechanisms)")
     collective_timeout: int = doc(600, "seconds a rank waits in a collective before giving up (dead peer)")
+    max_bad_steps: int = doc(10, "a step whose loss or gradient is not finite is skipped on every rank; this many "
+                                 "in a row stop the run (its last checkpoint kept); 0 = stop at the first")
     grad_cache_chunk: int = doc(0, "gradient caching: embed users and items in chunks of this many rows without a "
                                    "graph, take the loss over the whole global batch once, then replay each chunk "
                                    "with its graph (memory of one chunk, negatives of the whole batch); 0 = off")
@@ -158,6 +160,7 @@ class TrainConfig:
         check(self.save_every >= 0, "train.save_every", "must be >= 0")
         check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         check(self.keep_last >= 0, "train.keep_last", "must be >= 0")
+        check(self.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
         one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
         check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0 = off)")

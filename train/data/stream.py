@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from itertools import count
 from typing import Any
@@ -23,6 +24,8 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,45 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return [url for s in specs for url in braceexpand.braceexpand(s)]
 
 
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, as dicts with `user`, `history`, `item`, `logq` and `__key__`."""
-    for raw in wds.tarfile_samples([{"url": url}]):
-        sample = json.loads(raw["json"])
-        sample["__key__"] = raw["__key__"]
-        yield sample
+class BadShard(UserError):
+    """A training shard that cannot be read to its end (data.on_bad_shard=fail)."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's exception comes back as type(err)(its whole traceback): keep the
+        # one line that says what happened.
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+_reported: set[str] = set()  # shards this process already said it skipped (each epoch meets them again)
+
+
+def read_shard(url: str, on_bad: str = "fail", expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, as dicts with `user`, `history`, `item`, `logq` and `__key__`.
+
+    A shard cut short or damaged (a full disk, a copy killed midway) raises BadShard after its
+    readable samples, or with `on_bad="skip"` ends there, logging the shard and how many of its
+    `expected` samples were lost."""
+    read = 0
+    try:
+        for raw in wds.tarfile_samples([{"url": url}]):
+            sample = json.loads(raw["json"])
+            sample["__key__"] = raw["__key__"]
+            read += 1
+            yield sample
+        if expected is not None and read != expected:
+            # A tar cut at a block boundary reads as a shorter tar: only the count tells.
+            raise EOFError(f"the tar ends early, {expected} samples expected")
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as err:  # JSON errors are ValueErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if on_bad == "fail":
+            raise BadShard(f"{url}: corrupt shard after {read} samples ({reason}); "
+                           "data.on_bad_shard=skip trains on without it") from None
+        if url not in _reported:
+            _reported.add(url)
+            lost = f"{expected - read} of its {expected} samples" if expected is not None else "the rest of it"
+            log.warning("%s: corrupt shard after %d samples (%s): skipped, %s lost", url, read, reason, lost)
 
 
 def shuffle_buffer(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -61,7 +97,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, rank: int, world_size: int, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any],
                  seed: int = 0, shuffle_buffer_size: int = 1000, epochs: int | None = None, drop_last: bool = True,
-                 skip_batches: int = 0) -> None:
+                 skip_batches: int = 0, on_bad_shard: str = "fail", shard_samples: dict[str, int] | None = None) -> None:
         super().__init__()
         if not urls:
             raise ValueError("no training shards")
@@ -74,6 +110,11 @@ class TrainStream(IterableDataset):
         self.epochs = epochs
         self.drop_last = drop_last
         self.skip_batches = skip_batches
+        self.on_bad_shard = on_bad_shard
+        self.shard_samples = shard_samples or {}  # url -> samples it holds (the manifest's), for what a bad one loses
+
+    def read(self, url: str) -> Iterator[dict[str, Any]]:
+        return read_shard(url, self.on_bad_shard, self.shard_samples.get(url))
 
     def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
@@ -82,9 +123,9 @@ class TrainStream(IterableDataset):
         urls = list(self.urls)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # same order on every rank
         if len(urls) >= consumers:
-            stream: Iterator[dict[str, Any]] = (s for url in urls[consumer::consumers] for s in read_shard(url))
+            stream: Iterator[dict[str, Any]] = (s for url in urls[consumer::consumers] for s in self.read(url))
         else:
-            stream = (s for n, s in enumerate(s for url in urls for s in read_shard(url)) if n % consumers == consumer)
+            stream = (s for n, s in enumerate(s for url in urls for s in self.read(url)) if n % consumers == consumer)
         rng = random.Random(hash((self.seed, epoch, consumer)))
         return shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
 

@@ -22,6 +22,7 @@ from train.config.schema import Config
 from train.data.collate import PromptCollator
 from train.data.layout import load_split
 from train.distributed import barrier, share
+from train.evaluation import frozen_store
 from train.evaluation.encode import cache_lower_states, encode_item_sequences, encode_sharded, eval_mode
 from train.evaluation.ranking import Bonus, mean_metrics, rank_sums
 from train.evaluation.report import baseline_of, numbers, refill
@@ -160,9 +161,16 @@ class Evaluator:
         """The catalog's frozen lower-layer states (model.trained_layers), computed once per run:
         the frozen layers never change, so every step and evaluation reuses them."""
         if encoder.split is not None and self._state_cache is None:
-            with eval_mode(encoder):
-                self._state_cache = cache_lower_states(encoder, self.collator, self.catalog_tokens(),
-                                                       self.config.eval.batch_size, self.device, self.is_main)
+            tokens = self.catalog_tokens()
+
+            def compute() -> StateCache:
+                with eval_mode(encoder):
+                    return cache_lower_states(encoder, self.collator, tokens, self.config.eval.batch_size,
+                                              self.device, self.is_main)
+
+            # Kept in the data directory: a later run over the same backbone and catalog reads it.
+            self._state_cache = frozen_store.with_store(self.config, encoder.split, encoder.frozen, tokens,
+                                                        self.device, self.is_main, compute)
         return self._state_cache
 
     def evaluate(self, encoder: RecEncoder, split: str | None = None, show_progress: bool = True) -> dict[str, Any]:

@@ -126,6 +126,8 @@ class CachedStep(TrainStep):
         (query, *states), (item,) = outputs[:2]
         views = (outputs[2][0], outputs[3][0]) if len(outputs) > 2 else None
         loss = self.loss(TextEmbeddings(query, item, states[0] if states else None, views), batch)
+        if self.nonfinite_anywhere(loss):
+            return loss
         grads, extra = self.loss_gradients(loss, [t for out in outputs for t in out])
         with self.engine.accumulating():
             for index, (call, out) in enumerate(zip(calls, outputs)):
@@ -155,6 +157,8 @@ class CachedStep(TrainStep):
         embeddings = SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
                                         tower_inputs, first)
         loss = self.loss(embeddings, batch)
+        if self.nonfinite_anywhere(loss):
+            return loss
         (states_grad, candidates_grad), extra = self.loss_gradients(loss, [states, tower_inputs])
         with self.engine.accumulating():
             users.replay([states_grad], self.engine, final=False)

@@ -89,18 +89,41 @@ class Engine:
         """Around one call's forward and backward: all but the `last` keep their gradients local."""
         return contextlib.nullcontext()
 
-    def step(self) -> None:
-        """Clip, step the optimizer and the schedule, clear gradients."""
+    def step(self) -> bool:
+        """Clip, step the optimizer and the schedule, clear gradients. False when a gradient is not
+        finite: nothing is updated and the schedule keeps its place. The gradients are reduced
+        before this (DDP averages them in backward), so every rank sees the same norm and skips
+        with the others. Under fp16 the loss scaler skips overflowing steps itself."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable(self.model), self.config.train.grad_clip)
-        if self.scaler:
+        finite = self.clip() or self.scaler is not None
+        if finite and self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif finite:
             self.optimizer.step()
-        self.scheduler.step()
+        if finite:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def clip(self) -> bool:
+        """Clip the gradients' norm to train.grad_clip (when set); whether that norm is finite."""
+        grads = [p.grad for p in self.trainable(self.model) if p.grad is not None]
+        if not grads:
+            return True
+        if self.config.train.grad_clip > 0:
+            norm = self.clip_norm(self.config.train.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        return bool(torch.isfinite(norm))
+
+    def clip_norm(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.trainable(self.model), max_norm)
+
+    def skip(self) -> None:
+        """Leave this step's update out on every rank (a non-finite loss somewhere): no backward
+        ran, the optimizer and the schedule stay where they are."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
@@ -187,12 +210,8 @@ class AccelerateEngine(Engine):
             return contextlib.nullcontext()
         return self.wrapped.no_sync()
 
-    def step(self) -> None:
-        if self.config.train.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.trainable(self.model), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def clip_norm(self, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(self.trainable(self.model), max_norm)
 
 
 class DeepSpeedEngine(Engine):
@@ -247,8 +266,15 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
-        self.engine.step()  # clips, steps optimizer and schedule, clears gradients
+    def step(self) -> bool:
+        # DeepSpeed clips, steps the optimizer and the schedule and clears the gradients itself,
+        # from gradients partitioned over the ranks: a non-finite gradient behind a finite loss is
+        # its own to handle (fp16's loss scaler skips the step; bf16 and fp32 take it).
+        self.engine.step()
+        return True
+
+    def skip(self) -> None:
+        pass  # no backward ran: nothing reached DeepSpeed's gradient buffers
 
     @contextlib.contextmanager
     def accumulating(self) -> Iterator[None]:

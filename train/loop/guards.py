@@ -1,8 +1,9 @@
 """Guards around the loop: stop signals (a scheduler's preemption warning) honoured by every
-rank at the same step boundary, and a loss that must be finite."""
+rank at the same step boundary, and the count of steps skipped for a non-finite loss."""
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from types import FrameType
@@ -11,6 +12,9 @@ from typing import Any
 import torch
 
 from train.distributed import any_process
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -44,6 +48,30 @@ class StopGuard:
         self.previous_handlers = {}
 
 
-def require_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+class BadSteps:
+    """Counts steps skipped for a non-finite loss or gradient (the step decided on every rank
+    together, so every rank counts the same); `limit` of them in a row stop the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def check(self, skipped: bool, loss: float, step: int, last_checkpoint: str | None) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else "a non-finite gradient"
+        log.warning("step %d: %s; the step is skipped on every rank (%d in a row, %d in all)", step, what,
+                    self.in_a_row, self.total)
+        if self.in_a_row > self.limit:
+            kept = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was saved"
+            raise TrainingDiverged(f"{self.in_a_row} steps in a row had a non-finite loss or gradient (the last, "
+                                   f"step {step}: {what}); stopped after train.max_bad_steps={self.limit}, {kept}. "
+                                   "Lower train.lr or turn on train.grad_clip, then resume")
+
+
+class TrainingDiverged(UserError):
+    """Training stopped on non-finite losses: the CLI's one line, not a traceback."""

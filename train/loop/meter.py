@@ -24,23 +24,31 @@ class Meter:
     def restart(self) -> None:
         """A new window, starting now."""
         self.start = time.perf_counter()
-        self.samples = self.tokens = self.steps = 0
+        self.samples = self.tokens = self.steps = self.skipped = 0
         self.loss = 0.0
 
     def update(self, result: StepResult, loss: float) -> None:
         self.samples += result.samples
         self.tokens += result.tokens
-        self.loss += loss
         self.steps += 1
+        if result.skipped:  # its loss may be NaN: the window's mean is over the steps taken
+            self.skipped += 1
+        else:
+            self.loss += loss
 
     def log(self, step: int, lr: float, temperature: float, bar: tqdm) -> dict[str, Any]:
         """The window's row: the loss is this rank's mean over the window (rank 0 writes)."""
         elapsed = time.perf_counter() - self.start
-        row = {"step": step, "loss": round(self.loss / self.steps, 6), "lr": lr, "temperature": round(temperature, 5),
-               "samples_per_s": round(self.samples / elapsed, 2), "tokens_per_s": round(self.tokens / elapsed, 1)}
+        taken = self.steps - self.skipped
+        row = {"step": step, "loss": round(self.loss / taken, 6) if taken else None, "lr": lr,
+               "temperature": round(temperature, 5), "samples_per_s": round(self.samples / elapsed, 2),
+               "tokens_per_s": round(self.tokens / elapsed, 1)}
+        if self.skipped:
+            row["skipped_steps"] = self.skipped
         self.write(row)
         if self.is_main:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}" if row["loss"] is not None else "skipped", lr=f"{row['lr']:.2e}",
+                            sps=f"{row['samples_per_s']:.0f}")
         self.restart()
         return row
 

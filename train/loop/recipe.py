@@ -24,7 +24,7 @@ from train.distributed import DistState, barrier, close_process_group, init_proc
 from train.evaluation.evaluate import Evaluator
 from train.evaluation.report import flatten_metrics, format_table, write_json_atomic
 from train.loop.engines import Engine, choose
-from train.loop.guards import StopGuard, require_finite
+from train.loop.guards import BadSteps, StopGuard
 from train.loop.meter import Meter
 from train.loop.schedule import Every
 from train.loop.cached_step import CachedStep
@@ -50,6 +50,7 @@ class Trainer:
         self.checkpointing = Every(tc.save_every, tc.max_steps)
         self.logging = Every(tc.log_every, tc.max_steps, at_last=True)
         self.meter = Meter(self.run_dir / "metrics.jsonl", dist_state.is_main)
+        self.bad_steps = BadSteps(config.train.max_bad_steps)
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
@@ -84,11 +85,13 @@ class Trainer:
         resume_from = checkpoint.resolve(config.resume, self.run_dir)
         if resume_from is not None:
             self.load(resume_from)
-        urls = expand_urls(config.data.shards) if config.data.shards else \
-            Layout(Path(config.data.dir)).shard_urls(self.inputs.manifest)
+        prepared = Layout(Path(config.data.dir)).shard_urls(self.inputs.manifest)
+        urls = expand_urls(config.data.shards) if config.data.shards else prepared
+        shard_samples = {url: shard["samples"] for url, shard in zip(prepared, self.inputs.manifest["shards"])}
         stream = TrainStream(urls, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=config.train.batch_size,
                              collate=self.collator, seed=config.seed, shuffle_buffer_size=config.data.shuffle_buffer,
-                             skip_batches=self.batches_consumed)
+                             skip_batches=self.batches_consumed, on_bad_shard=config.data.on_bad_shard,
+                             shard_samples=shard_samples)
         self.loader = make_loader(stream, config.data.num_workers)
         # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.trainable(self.model))
@@ -124,7 +127,8 @@ class Trainer:
                     return None
                 result = self.train_step(next(batches))
                 loss = float(result.loss)
-                require_finite(loss, self.step)
+                latest = checkpoint.latest(self.run_dir) if result.skipped else None
+                self.bad_steps.check(result.skipped, loss, self.step, latest.name if latest else None)
                 self.meter.update(result, loss)
                 if self.logging.due(self.step):
                     self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar)

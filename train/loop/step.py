@@ -19,7 +19,7 @@ from model.rec_model import RecModel
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator
-from train.distributed import even_share
+from train.distributed import any_process, even_share
 from train.evaluation.encode import encode_sharded, eval_mode
 from train.loop.engines import Engine
 
@@ -54,6 +54,7 @@ class StepResult:
     loss: torch.Tensor
     samples: int  # users in the global batch
     tokens: int  # real (unpadded) tokens the global batch fed the backbone
+    skipped: bool = False  # a loss or gradient was not finite: no update on any rank
 
 
 class TrainStep:
@@ -78,6 +79,7 @@ class TrainStep:
             self.catalog_share = torch.tensor(even_share(len(collator.catalog)), device=device)
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
+        self.skipped = False  # this step's update is left out (a non-finite loss or gradient)
 
     def __call__(self, batch: Batch, step: int) -> StepResult:
         """Step `step` (counted from 0) on this rank's part of the global batch."""
@@ -85,15 +87,27 @@ class TrainStep:
         tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.refresh_catalog(step)
+        self.skipped = False
         loss = self.forward_backward(batch)
-        self.engine.step()
-        return StepResult(loss.detach(), samples, tokens)
+        if self.skipped:
+            self.engine.skip()
+        else:
+            self.skipped = not self.engine.step()
+        return StepResult(loss.detach(), samples, tokens, self.skipped)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
-        """This rank's loss, its gradient left in the parameters (reduced across ranks)."""
+        """This rank's loss, its gradient left in the parameters (reduced across ranks); no
+        backward when a rank's loss is not finite (`skipped`)."""
         loss = self.loss(self.embed(batch), batch)
-        self.engine.backward(loss)
+        if not self.nonfinite_anywhere(loss):
+            self.engine.backward(loss)
         return loss
+
+    def nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is NaN or infinite: then every rank skips this step's backward
+        and update together (one rank's NaN would reach all through the gradients' reduction)."""
+        self.skipped = any_process(not bool(torch.isfinite(loss.detach()).all()), self.device)
+        return self.skipped
 
     def embed(self, batch: Batch) -> TextEmbeddings | SequenceEmbeddings:
         """User and item embeddings of a batch, with their autograd graphs."""

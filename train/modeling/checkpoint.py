@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR, HEAD_FILE, STATE_FILE, LATEST, BEST = "adapter", "head.safetensors", "trainer_state.pt", "latest", "best.json"
 TOWER_FILE = "user_tower.safetensors"
+COMPLETE = "COMPLETE"  # written last into a staged checkpoint: its files and their sizes
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,11 +76,15 @@ def write(directory: Path, encoder: RecEncoder, trainer_state: dict[str, Any]) -
 
 
 def publish(run_dir: Path, step: int, keep_last: int) -> Path:
-    """Rename the staged checkpoint into place, move `latest` to it, drop all but the newest `keep_last`."""
+    """Record the staged checkpoint's files (COMPLETE), rename it into place, move `latest` to it,
+    drop all but the newest `keep_last`."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
+    staged = staging(run_dir, step)
+    files = {str(f.relative_to(staged)): f.stat().st_size for f in sorted(staged.rglob("*")) if f.is_file()}
+    (staged / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
-    staging(run_dir, step).rename(final)
+    staged.rename(final)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name + "\n")
     pointer.replace(root / LATEST)
@@ -110,13 +116,50 @@ def write_best(run_dir: Path, step: int, metric: str, value: float) -> None:
     tmp.replace(path)
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The checkpoint the `latest` pointer names, if it exists and is complete."""
-    pointer = run_dir / "checkpoints" / LATEST
-    if not pointer.is_file():
+def damage(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (None: it is whole): a file its COMPLETE record
+    lists is missing or has another size (a copy cut short, a full disk). Checkpoints written
+    before that record existed count as whole when they have their trainer state."""
+    if not (path / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    record = path / COMPLETE
+    if not record.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{COMPLETE} is unreadable"
+    for name, size in files.items():
+        found = path / name
+        if not found.is_file():
+            return f"{name} is missing"
+        if found.stat().st_size != size:
+            return f"{name} holds {found.stat().st_size} of its {size} bytes"
+    return None
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest whole checkpoint: the one `latest` names, or, when that one is damaged, the
+    newest whole one before it (the log says which and why). Unfinished `.step-N.tmp` folders
+    (a save killed mid-write) never count."""
+    root = run_dir / "checkpoints"
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    steps = sorted((p for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True) if root.is_dir() else []
+    candidates = ([named] if named is not None else []) + [p for p in steps if p != named]
+    rejected: list[str] = []
+    for path in candidates:
+        why = damage(path)
+        if why is None:
+            if rejected:
+                log.warning("skipped damaged checkpoint(s) %s; using %s", "; ".join(rejected), path.name)
+            return path
+        if path.exists():
+            rejected.append(f"{path.name} ({why})")
+    if rejected:
+        log.warning("no whole checkpoint in %s: %s", root, "; ".join(rejected))
+    return None
 
 
 def resolve(resume: str, run_dir: Path) -> Path | None:
@@ -170,6 +213,24 @@ def load_weights(path: Path, encoder: RecEncoder) -> None:
             raise UserError(f"{path}: user tower does not match model.user_tower ({str(err).splitlines()[1].strip()})") from None
 
 
+def _numpy_rng_types() -> list[Any]:
+    """What numpy's RNG state (a uint32 array) unpickles through: all a trainer state holds
+    besides tensors, numbers, strings and containers."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    """The trainer state of checkpoint `path` (step, data position, RNG, engine state)."""
-    return torch.load(path / STATE_FILE, weights_only=False)
+    """The trainer state of checkpoint `path` (step, data position, RNG, engine state).
+
+    weights_only: unpickling runs no code from the file, only tensors, plain data and numpy's
+    RNG state come back (a checkpoint from a shared folder cannot run anything)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_types()):
+            return torch.load(path / STATE_FILE, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path / STATE_FILE}: not a rectrain trainer state "
+                        f"({str(err).strip().splitlines()[-1][:200]})") from None
