@@ -150,3 +150,33 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
         else:
             rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
     return rows
+
+
+# Keys a run may change between its launches without becoming another run: where and how it
+# runs, how long and how often it logs, saves and evaluates.
+RUN_SETTINGS = ("output_dir", "resume", "device", "engine", "overwrite", "train.max_steps", "train.log_every",
+                "train.save_every", "train.eval_every", "train.keep_last", "train.collective_timeout",
+                "train.max_bad_steps", "data.dir", "data.shards", "data.num_workers", "data.on_bad_shard", "eval.",
+                "deepspeed.")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix + key).endswith(("architecture", "user_tower", "synthetic")):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def other_run(saved: Path, config: Config) -> list[str]:
+    """The keys in which the run saved in `saved` (a run directory's config.yaml) differs from
+    `config` in what it trains, as 'key: old -> new' (empty: the same run, resumable)."""
+    try:
+        previous = _flat(to_dict(load_config(saved)))
+    except UserError as err:
+        return [f"its config.yaml does not load ({err})"]
+    current = _flat(to_dict(config))
+    return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(previous) | set(current))
+            if not key.startswith(RUN_SETTINGS) and previous.get(key) != current.get(key)]

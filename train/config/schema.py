@@ -300,6 +300,8 @@ class Config:
     device: str = doc("auto", "auto | cpu | cuda")
     engine: str = doc("auto", "auto (follow the launcher) | plain (one process) | ddp | accelerate | deepspeed")
     resume: str = doc("auto", "auto (newest complete checkpoint, if any) | never | a checkpoint path")
+    overwrite: bool = doc(False, "replace output_dir when it holds another run (a config.yaml that differs in what "
+                                 "is trained: data, prompts, model, loss, seed); its checkpoints and metrics go")
     data: DataConfig = doc(DataConfig(), "data")
     prompt: PromptConfig = doc(PromptConfig(), "prompts")
     model: ModelConfig = doc(ModelConfig(), "model")

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from train.config.io import save_config
+from train.config.io import other_run, save_config
 from train.config.schema import Config
 from train.data.layout import Layout
 from train.data.stream import TrainStream, expand_urls, make_loader
 from train.distributed import DistState, barrier, close_process_group, init_process_group
+from train.errors import UserError
 from train.evaluation.evaluate import Evaluator
 from train.evaluation.report import flatten_metrics, format_table, write_json_atomic
 from train.loop.engines import Engine, choose
@@ -59,6 +60,24 @@ class Trainer:
         self.collator = self.inputs.collator
         self.evaluator = Evaluator(self.config, self.collator, self.dist.device, self.dist.is_main)
 
+    def claim_run_dir(self) -> None:
+        """Save this run's config in output_dir, unless the directory holds another run's: then
+        stop (every rank, before any of them writes), or with overwrite: true clear it first."""
+        saved = self.run_dir / "config.yaml"
+        changed = other_run(saved, self.config) if saved.is_file() else []
+        if changed and not self.config.overwrite:
+            shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise UserError(f"output_dir: {self.run_dir} holds another run ({shown}); set overwrite=true to replace "
+                            "it, or choose another output_dir")
+        if self.dist.is_main:
+            if changed:
+                log.warning("overwrite: clearing %s, which held another run (%s)", self.run_dir, changed[0])
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                for name in ("metrics.jsonl", "metrics.json"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            save_config(self.config, saved)
+        barrier()
+
     def setup_model(self) -> None:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
         self.model = build_model(self.config, self.inputs, self.dist.device)
@@ -80,8 +99,7 @@ class Trainer:
                                self.evaluator.state_cache(self.encoder))
         # Per-rank randomness (LoRA dropout) after identical initialisation.
         torch.manual_seed(config.seed * 1000 + self.dist.rank)
-        if self.dist.is_main:
-            save_config(config, self.run_dir / "config.yaml")
+        self.claim_run_dir()
         resume_from = checkpoint.resolve(config.resume, self.run_dir)
         if resume_from is not None:
             self.load(resume_from)
