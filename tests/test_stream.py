@@ -241,6 +241,43 @@ def test_skip_batches_near_the_end_of_the_epoch(many_shards: list[str]) -> None:
         assert resumed == full[skip:], skip
 
 
+class CountingStream(TrainStream):
+    """Counts the shards it opens (in-process)."""
+
+    def read(self, url: str) -> Any:
+        self.opened = getattr(self, "opened", 0) + 1
+        return super().read(url)
+
+
+def counts_of(urls: list[str]) -> dict[str, int]:
+    return {url: len(keys_in_shards([url])) for url in urls}
+
+
+@pytest.mark.parametrize("world_size, num_workers, fixture", [(1, 0, "many_shards"), (2, 2, "many_shards"),
+                                                              (2, 2, "three_shards")])
+@pytest.mark.parametrize("skip", [0, 3, 11, 40, 57])
+def test_resume_seeks_past_whole_epochs_to_the_same_batches(skip: int, world_size: int, num_workers: int,
+                                                            fixture: str, request: pytest.FixtureRequest) -> None:
+    urls: list[str] = request.getfixturevalue(fixture)
+    settings: dict[str, Any] = dict(rank=world_size - 1, world_size=world_size, batch_size=8, epochs=None,
+                                    drop_last=True)
+    count = 10
+    full = list(itertools.islice(loader(stream(urls, **settings), num_workers), skip + count))
+    seeking = stream(urls, skip_batches=skip, shard_samples=counts_of(urls), **settings)
+    assert list(itertools.islice(loader(seeking, num_workers), count)) == full[skip:]
+
+
+def test_resume_reads_at_most_one_epoch_again(many_shards: list[str]) -> None:
+    settings: dict[str, Any] = dict(batch_size=8, epochs=None, drop_last=True)
+    per_epoch = sum(counts_of(many_shards).values()) // 8
+    skip = 5 * per_epoch + 2  # five epochs and two batches in
+    replaying = CountingStream(many_shards, rank=0, world_size=1, collate=sample_keys, skip_batches=skip, **settings)
+    seeking = CountingStream(many_shards, rank=0, world_size=1, collate=sample_keys, skip_batches=skip,
+                             shard_samples=counts_of(many_shards), **settings)
+    assert next(iter(seeking)) == next(iter(replaying))
+    assert seeking.opened <= len(many_shards) < 5 * len(many_shards) < replaying.opened
+
+
 def test_skip_batches_in_process(many_shards: list[str]) -> None:
     full = list(stream(many_shards))
     assert list(stream(many_shards, skip_batches=5)) == full[5:]

@@ -116,12 +116,16 @@ class TrainStream(IterableDataset):
     def read(self, url: str) -> Iterator[dict[str, Any]]:
         return read_shard(url, self.on_bad_shard, self.shard_samples.get(url))
 
+    def epoch_urls(self, epoch: int) -> list[str]:
+        urls = list(self.urls)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # same order on every rank
+        return urls
+
     def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
         consumers = self.world_size * num_workers
         consumer = self.rank * num_workers + worker
-        urls = list(self.urls)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # same order on every rank
+        urls = self.epoch_urls(epoch)
         if len(urls) >= consumers:
             stream: Iterator[dict[str, Any]] = (s for url in urls[consumer::consumers] for s in self.read(url))
         else:
@@ -129,8 +133,38 @@ class TrainStream(IterableDataset):
         rng = random.Random(hash((self.seed, epoch, consumer)))
         return shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
 
-    def _batches(self, worker: int, num_workers: int) -> Iterator[list[dict[str, Any]]]:
-        epochs = range(self.epochs) if self.epochs is not None else count()
+    def epoch_batches(self, epoch: int, worker: int, num_workers: int) -> int | None:
+        """How many batches consumer (rank, worker) makes of `epoch`, from the shards' sample counts
+        alone (None where a count is unknown: shards from data.shards, or one skipped as bad)."""
+        urls = self.epoch_urls(epoch)
+        if any(url not in self.shard_samples for url in urls):
+            return None
+        consumers = self.world_size * num_workers
+        consumer = self.rank * num_workers + worker
+        if len(urls) >= consumers:
+            samples = sum(self.shard_samples[url] for url in urls[consumer::consumers])
+        else:
+            samples = max(0, -(-(sum(self.shard_samples[url] for url in urls) - consumer) // consumers))
+        full, rest = divmod(samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def seek(self, skip: int, worker: int, num_workers: int) -> tuple[int, int]:
+        """(epoch, batches left to skip in it) after `skip` batches of this consumer: whole epochs
+        are passed over by their counts, without reading them, so a resumed run at step 100,000
+        reads at most one epoch again, not everything it consumed."""
+        epoch = 0
+        # A skipped bad shard holds fewer samples than its count: only runs that stop on one
+        # (data.on_bad_shard=fail, which also checks every count it reads) can trust the counts.
+        while self.on_bad_shard == "fail" and (self.epochs is None or epoch < self.epochs):
+            batches = self.epoch_batches(epoch, worker, num_workers)
+            if batches is None or skip < batches or batches == 0:
+                break
+            skip -= batches
+            epoch += 1
+        return epoch, skip
+
+    def _batches(self, worker: int, num_workers: int, first_epoch: int = 0) -> Iterator[list[dict[str, Any]]]:
+        epochs = range(first_epoch, self.epochs) if self.epochs is not None else count(first_epoch)
         for epoch in epochs:
             batch: list[dict[str, Any]] = []
             produced = 0
@@ -155,8 +189,8 @@ class TrainStream(IterableDataset):
         # with worker skip % num_workers: so worker w takes over the samples of consumer
         # (w + skip) % num_workers, and batches come out in the uninterrupted order.
         role = (worker + self.skip_batches) % num_workers
-        skip = max(0, -(-(self.skip_batches - role) // num_workers))
-        for n, batch in enumerate(self._batches(role, num_workers)):
+        epoch, skip = self.seek(max(0, -(-(self.skip_batches - role) // num_workers)), role, num_workers)
+        for n, batch in enumerate(self._batches(role, num_workers, epoch)):
             if n >= skip:
                 yield self.collate(batch)
 
