@@ -59,7 +59,9 @@ def test_train_then_eval_leaves_the_run_directory(tmp_path: Path, extra: list[st
         assert 0.0 <= metrics[key] <= 1.0 and 0.0 <= metrics["popularity"][key] <= 1.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    assert all({"loss", "lr", "samples_per_s", "tokens_per_s", "temperature"} <= set(r) for r in rows)
+    assert all({"loss", "lr", "samples_per_s", "tokens_per_s", "temperature", "padded_tokens_per_s",
+                "data_wait_share"} <= set(r) for r in rows)
+    assert all(r["padded_tokens_per_s"] >= r["tokens_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in rows)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-8"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-4", "step-8"]
     assert (run / "checkpoints" / "step-8" / "adapter" / "adapter_model.safetensors").is_file()

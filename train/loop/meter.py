@@ -24,12 +24,15 @@ class Meter:
     def restart(self) -> None:
         """A new window, starting now."""
         self.start = time.perf_counter()
-        self.samples = self.tokens = self.steps = self.skipped = 0
-        self.loss = 0.0
+        self.samples = self.tokens = self.padded = self.steps = self.skipped = 0
+        self.loss = self.data_wait = 0.0
 
-    def update(self, result: StepResult, loss: float) -> None:
+    def update(self, result: StepResult, loss: float, data_wait: float = 0.0) -> None:
+        """One step's figures; `data_wait`: seconds the step waited for its batch."""
         self.samples += result.samples
         self.tokens += result.tokens
+        self.padded += result.padded_tokens
+        self.data_wait += data_wait
         self.steps += 1
         if result.skipped:  # its loss may be NaN: the window's mean is over the steps taken
             self.skipped += 1
@@ -42,7 +45,11 @@ class Meter:
         taken = self.steps - self.skipped
         row = {"step": step, "loss": round(self.loss / taken, 6) if taken else None, "lr": lr,
                "temperature": round(temperature, 5), "samples_per_s": round(self.samples / elapsed, 2),
-               "tokens_per_s": round(self.tokens / elapsed, 1)}
+               "tokens_per_s": round(self.tokens / elapsed, 1),
+               # Padded positions are computed too: real / padded is the share of the work that counts.
+               "padded_tokens_per_s": round(self.padded / elapsed, 1),
+               # Waiting for the loader: above a few percent, add data.num_workers.
+               "data_wait_share": round(self.data_wait / elapsed, 4)}
         if self.skipped:
             row["skipped_steps"] = self.skipped
         self.write(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +144,14 @@ class Trainer:
                     log.warning("stopped at step %d by %s; checkpoint saved, resume=auto continues", self.step,
                                 self.guard.reason())
                     return None
-                result = self.train_step(next(batches))
+                asked = time.perf_counter()
+                batch = next(batches)
+                data_wait = time.perf_counter() - asked
+                result = self.train_step(batch)
                 loss = float(result.loss)
                 latest = checkpoint.latest(self.run_dir) if result.skipped else None
                 self.bad_steps.check(result.skipped, loss, self.step, latest.name if latest else None)
-                self.meter.update(result, loss)
+                self.meter.update(result, loss, data_wait)
                 if self.logging.due(self.step):
                     self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar)
                 bar.update(1)

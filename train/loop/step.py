@@ -55,6 +55,7 @@ class StepResult:
     samples: int  # users in the global batch
     tokens: int  # real (unpadded) tokens the global batch fed the backbone
     skipped: bool = False  # a loss or gradient was not finite: no update on any rank
+    padded_tokens: int = 0  # positions the backbone computed, padding included (tokens / this: padding waste)
 
 
 class TrainStep:
@@ -84,7 +85,9 @@ class TrainStep:
     def __call__(self, batch: Batch, step: int) -> StepResult:
         """Step `step` (counted from 0) on this rank's part of the global batch."""
         samples = len(batch["item_ids"]) * self.world_size
-        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) * self.world_size
+        masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+        tokens = sum(int(mask.sum()) for mask in masks) * self.world_size
+        padded = sum(mask.numel() for mask in masks) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.refresh_catalog(step)
         self.skipped = False
@@ -93,7 +96,7 @@ class TrainStep:
             self.engine.skip()
         else:
             self.skipped = not self.engine.step()
-        return StepResult(loss.detach(), samples, tokens, self.skipped)
+        return StepResult(loss.detach(), samples, tokens, self.skipped, padded)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """This rank's loss, its gradient left in the parameters (reduced across ranks); no
