@@ -29,7 +29,11 @@ lacks (--history-text, repeatable), or both (texts count as the newest)."""
 SERVE_HELP = """\
 Serves recommendations over HTTP: POST /recommend, /embed, /items (new items, searchable at
 once), GET /health, and the OpenAPI page at /docs. Concurrent requests are batched into one
-forward pass (--max-batch, --batch-wait-ms; --no-batching answers each alone)."""
+forward pass (--max-batch, --batch-wait-ms; --no-batching answers each alone).
+
+  rectrain serve runs/debug/export --port 8000
+  curl -s 127.0.0.1:8000/recommend -H 'Content-Type: application/json' -d '{"history": ["i3", "i17"], "k": 5}'
+  curl -s 127.0.0.1:8000/items -H 'Content-Type: application/json' -d '{"items": [{"item_id": "new1", "title": "..."}]}'"""
 
 
 def add_serving_commands(sub: Any) -> None:
