@@ -7,6 +7,7 @@ summed instead of averaged over ranks would pass unseen; SGD's update shows it."
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ ENGINES = [("ddp", -1), ("accelerate", -1), ("deepspeed", 0), ("deepspeed", 2), 
 
 
 def tiny_config(tmp: Path, engine: str, zero_stage: int, world_size: int, extra: tuple[str, ...] = ()) -> list[str]:
-    return [f"output_dir={tmp}/run-{engine}{zero_stage}-{world_size}{len(extra)}", f"data.dir={tmp}/data", "device=cpu",
+    # A run directory per configuration: one holding another run's config is refused (overwrite).
+    name = f"run-{engine}{zero_stage}-{world_size}-{zlib.crc32(chr(10).join(extra).encode()):08x}"
+    return [f"output_dir={tmp}/{name}", f"data.dir={tmp}/data", "device=cpu",
             f"engine={engine}", f"deepspeed.zero_stage={zero_stage}", "resume=never", "seed=5",
             "data.synthetic={num_users: 60, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
             "data.num_workers=0", "model.tokenizer_vocab_size=200", "model.projection_dim=8",

@@ -147,7 +147,7 @@ def test_id_embeddings_start_at_the_text_and_train_only_the_items_seen(tmp_path:
         "num_key_value_heads: 2}", "model.trained_layers=1", "prompt.max_item_tokens=8", "train.batch_size=3",
         "train.max_steps=2", "train.warmup_steps=0"]
     with_ids = Trainer(load_config(None, [*overrides, "model.id_embeddings=true"]), from_environment("cpu"))
-    without = Trainer(load_config(None, overrides), from_environment("cpu"))
+    without = Trainer(load_config(None, [*overrides, f"output_dir={tmp_path}/run-without"]), from_environment("cpu"))
     try:
         with_ids.setup()
         without.setup()

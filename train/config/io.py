@@ -153,11 +153,13 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
 
 
 # Keys a run may change between its launches without becoming another run: where and how it
-# runs, how long and how often it logs, saves and evaluates.
+# runs (engine, precision, memory savers that leave the gradients as they are), how long, and how
+# often it logs, saves and evaluates.
 RUN_SETTINGS = ("output_dir", "resume", "device", "engine", "overwrite", "train.max_steps", "train.log_every",
                 "train.save_every", "train.eval_every", "train.keep_last", "train.collective_timeout",
-                "train.max_bad_steps", "data.dir", "data.shards", "data.num_workers", "data.on_bad_shard", "eval.",
-                "deepspeed.")
+                "train.max_bad_steps", "train.grad_cache_chunk", "train.precision", "model.gradient_checkpointing",
+                "model.attn_implementation", "data.dir", "data.shards", "data.num_workers", "data.on_bad_shard",
+                "eval.", "deepspeed.")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
