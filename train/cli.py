@@ -16,7 +16,7 @@ import torch.distributed
 from train.config.schema import Config
 from train.config.io import describe_keys, load_config
 from train.distributed import DistState, from_environment
-from train.errors import UserError, printable
+from train.errors import UserError, first_line, printable
 from train.serve.commands import SERVING, add_serving_commands, run_serving
 
 DESCRIPTION = """\
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except torch.distributed.DistError as err:
         # A peer died or hung: say so in one line instead of a wall of C++ frames; the launcher
         # (torchrun, srun --kill-on-bad-exit) reports which rank failed first.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         rank = dist_state.rank if dist_state is not None else "?"
         print(f"rectrain: error: rank {rank}: a collective failed, another rank died or hung: {first}", file=sys.stderr)
         return 1

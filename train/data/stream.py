@@ -17,7 +17,7 @@ import logging
 import random
 import tarfile
 from collections.abc import Callable, Iterator
-from itertools import count
+from itertools import count, islice
 from typing import Any
 
 import braceexpand
@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def read_shard(url: str, on_bad: str = "fail", expected: int | None = None) -> I
             # A tar cut at a block boundary reads as a shorter tar: only the count tells.
             raise EOFError(f"the tar ends early, {expected} samples expected")
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as err:  # JSON errors are ValueErrors
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if on_bad == "fail":
             raise BadShard(f"{url}: corrupt shard after {read} samples ({reason}); "
                            "data.on_bad_shard=skip trains on without it") from None
@@ -121,30 +121,30 @@ class TrainStream(IterableDataset):
         random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # same order on every rank
         return urls
 
-    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
+    def assignment(self, epoch: int, worker: int, num_workers: int) -> tuple[int, list[str], slice]:
+        """(consumer index, the shards it reads in `epoch`, which of their samples are its): whole
+        shards when there are at least as many as consumers, else every `consumers`-th sample."""
         consumers = self.world_size * num_workers
         consumer = self.rank * num_workers + worker
         urls = self.epoch_urls(epoch)
         if len(urls) >= consumers:
-            stream: Iterator[dict[str, Any]] = (s for url in urls[consumer::consumers] for s in self.read(url))
-        else:
-            stream = (s for n, s in enumerate(s for url in urls for s in self.read(url)) if n % consumers == consumer)
+            return consumer, urls[consumer::consumers], slice(None)
+        return consumer, urls, slice(consumer, None, consumers)
+
+    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
+        consumer, urls, mine = self.assignment(epoch, worker, num_workers)
+        stream = islice((s for url in urls for s in self.read(url)), mine.start, None, mine.step)
         rng = random.Random(hash((self.seed, epoch, consumer)))
         return shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
 
     def epoch_batches(self, epoch: int, worker: int, num_workers: int) -> int | None:
         """How many batches consumer (rank, worker) makes of `epoch`, from the shards' sample counts
         alone (None where a count is unknown: shards from data.shards, or one skipped as bad)."""
-        urls = self.epoch_urls(epoch)
+        _, urls, mine = self.assignment(epoch, worker, num_workers)
         if any(url not in self.shard_samples for url in urls):
             return None
-        consumers = self.world_size * num_workers
-        consumer = self.rank * num_workers + worker
-        if len(urls) >= consumers:
-            samples = sum(self.shard_samples[url] for url in urls[consumer::consumers])
-        else:
-            samples = max(0, -(-(sum(self.shard_samples[url] for url in urls) - consumer) // consumers))
+        samples = len(range(sum(self.shard_samples[url] for url in urls))[mine])
         full, rest = divmod(samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 

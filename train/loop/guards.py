@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -57,7 +58,8 @@ class BadSteps:
         self.in_a_row = 0
         self.total = 0
 
-    def check(self, skipped: bool, loss: float, step: int, last_checkpoint: str | None) -> None:
+    def check(self, skipped: bool, loss: float, step: int, last_checkpoint: Callable[[], str | None]) -> None:
+        """Count this step; `last_checkpoint()` names the checkpoint a stop leaves (asked only then)."""
         if not skipped:
             self.in_a_row = 0
             return
@@ -67,7 +69,8 @@ class BadSteps:
         log.warning("step %d: %s; the step is skipped on every rank (%d in a row, %d in all)", step, what,
                     self.in_a_row, self.total)
         if self.in_a_row > self.limit:
-            kept = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was saved"
+            name = last_checkpoint()
+            kept = f"the last checkpoint, {name}, is intact" if name else "no checkpoint was saved"
             raise TrainingDiverged(f"{self.in_a_row} steps in a row had a non-finite loss or gradient (the last, "
                                    f"step {step}: {what}); stopped after train.max_bad_steps={self.limit}, {kept}. "
                                    "Lower train.lr or turn on train.grad_clip, then resume")

@@ -149,8 +149,7 @@ class Trainer:
                 data_wait = time.perf_counter() - asked
                 result = self.train_step(batch)
                 loss = float(result.loss)
-                latest = checkpoint.latest(self.run_dir) if result.skipped else None
-                self.bad_steps.check(result.skipped, loss, self.step, latest.name if latest else None)
+                self.bad_steps.check(result.skipped, loss, self.step, self.last_checkpoint)
                 self.meter.update(result, loss, data_wait)
                 if self.logging.due(self.step):
                     self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar)
@@ -226,6 +225,10 @@ class Trainer:
             log.info("saved %s", final)
         barrier()
         return final
+
+    def last_checkpoint(self) -> str | None:
+        found = checkpoint.latest(self.run_dir)
+        return found.name if found else None
 
     def load_weights(self, path: Path) -> None:
         """Only the trained weights of checkpoint `path` (the best one, for the final evaluation)."""

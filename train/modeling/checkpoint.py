@@ -92,10 +92,15 @@ def publish(run_dir: Path, step: int, keep_last: int) -> Path:
     return final
 
 
+def saved_steps(root: Path) -> list[int]:
+    """The steps of the `step-N` folders under `root`, oldest first."""
+    return sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
     """Delete all checkpoints but the newest `keep_last` and the best (0 keeps everything)."""
     root = run_dir / "checkpoints"
-    steps = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
+    steps = saved_steps(root)
     best = read_best(run_dir)
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if best is None or best["checkpoint"] != f"step-{old}":
@@ -145,9 +150,8 @@ def latest(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
     pointer = root / LATEST
     named = root / pointer.read_text().strip() if pointer.is_file() else None
-    steps = sorted((p for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True) if root.is_dir() else []
-    candidates = ([named] if named is not None else []) + [p for p in steps if p != named]
+    newest_first = [root / f"step-{step}" for step in reversed(saved_steps(root))]
+    candidates = ([named] if named is not None else []) + [p for p in newest_first if p != named]
     rejected: list[str] = []
     for path in candidates:
         why = damage(path)

@@ -28,7 +28,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from train.data.prepare import sniff
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 _DELIMITERS = {"csv": ",", "tsv": "\t", "atomic": "\t"}
 
@@ -97,7 +97,7 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
     """
     if fmt == "hf":
         yield from (pa.table({c: _as_strings(batch.column(c)) for c in columns})
-                    for batch in _chunks(read_columns(path, fmt, columns, role), max(1, block_bytes // ROW_BYTES)))
+                    for batch in table_chunks(read_columns(path, fmt, columns, role), max(1, block_bytes // ROW_BYTES)))
         return
     path = existing_file(path, role)
     if fmt in _DELIMITERS or fmt == "jsonl":
@@ -116,7 +116,8 @@ def iter_columns(path: str | Path, fmt: str, columns: list[str], role: str,
 ROW_BYTES = 32
 
 
-def _chunks(table: pa.Table, rows: int) -> Generator[pa.Table, None, None]:
+def table_chunks(table: pa.Table, rows: int) -> Generator[pa.Table, None, None]:
+    """`table` as tables of at most `rows` rows, in order."""
     for batch in table.to_batches(max_chunksize=rows):
         yield pa.Table.from_batches([batch])
 
@@ -137,8 +138,7 @@ def hf_table(location: str, role: str) -> pa.Table:
     try:
         loaded = datasets.load_from_disk(name) if path.is_dir() else datasets.load_dataset(name)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{role}: cannot load {name!r} as a datasets dataset: {first}") from None
+        raise UserError(f"{role}: cannot load {name!r} as a datasets dataset: {first_line(err)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         chosen = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else "")
@@ -261,7 +261,7 @@ def _unreadable(path: Path, fmt: str, err: Exception) -> UserError:
         where = sniff.locate(path, fmt, len(_header(path, fmt)), _DELIMITERS[fmt], quoting=fmt != "atomic")
         if where is not None:
             return UserError(where)
-    first = sniff.first_line(err)
+    first = first_line(err)
     # pyarrow >= 26 adds "Row #N: " counted inside its read block, not a file line: misleading here.
     first = re.sub(r"Row #\d+: ", "", first)
     return UserError(f"{path}: cannot read as {fmt}: {first}")

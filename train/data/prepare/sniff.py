@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from train.errors import UserError
+from train.errors import UserError, first_line
 
 HEAD_BYTES = 1 << 16
 # Leading bytes of compressed files -> the codec Arrow opens them with.
@@ -104,8 +104,3 @@ def locate(path: Path, fmt: str, header_fields: int, delimiter: str, quoting: bo
     except csv.Error as err:
         return f"{path} line {reader.line_num}: {err}"
     return None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -44,11 +44,6 @@ class LogSource(formats.Named):
         self.chunks.close()
 
 
-def _chunks_of(table: pa.Table, rows: int) -> Generator[pa.Table, None, None]:
-    for batch in table.to_batches(max_chunksize=rows):
-        yield pa.Table.from_batches([batch])
-
-
 def _renamed(chunks: Generator[pa.Table, None, None], names: dict[str, str]) -> Generator[pa.Table, None, None]:
     """`chunks` with columns renamed from the file's (`names` values) to the standard (keys);
     closing this closes `chunks`, so the file."""
@@ -71,12 +66,12 @@ def read(config: Config, chunk_bytes: int, chunk_bytes_per_item: int) -> tuple[L
 
     if data.format == "synthetic":
         interactions, catalog = synthetic.generate(data.synthetic, config.seed)
-        return LogSource(_chunks_of(interactions, rows(catalog)), interactions.column_names,
+        return LogSource(readers.table_chunks(interactions, rows(catalog)), interactions.column_names,
                          lambda row: "interactions", {}), catalog
     if data.format in formats.FORMATS:
         source, catalog_source = formats.read(data.format, data.interactions, data.catalog)
         catalog = _checked_catalog(config, catalog_source)
-        return (LogSource(_chunks_of(source.table, rows(catalog)), source.table.column_names, source.where,
+        return (LogSource(readers.table_chunks(source.table, rows(catalog)), source.table.column_names, source.where,
                           source.names), catalog)
     id_col = data.catalog_columns.item
     catalog = readers.read_columns(data.catalog, data.format, [id_col, *dict.fromkeys(data.catalog_columns.text)],
