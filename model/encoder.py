@@ -8,6 +8,7 @@ from torch import nn
 
 from model.layer_cache import check_splittable, decoder_of, run_layers
 from model.pooling import POOLERS, last_token, position_ids
+from model.unpadded import is_unpadded, unpadded_forward
 from model.user_tower import UserTower
 
 
@@ -37,6 +38,8 @@ class RecEncoder(nn.Module):
             self.id_embeddings = nn.Embedding(num_items, projection_dim or hidden_size)
             nn.init.zeros_(self.id_embeddings.weight)
         self.normalize = normalize
+        # model.unpadded: the backbone runs on the batch's real tokens only (model/unpadded.py).
+        self.unpadded = is_unpadded(backbone)
         # model.trained_layers: layers below `split` are frozen and their token states cached per
         # item (model/layer_cache.py); None runs the whole backbone from tokens.
         self.split = split
@@ -69,6 +72,9 @@ class RecEncoder(nn.Module):
             assert self.split is not None, "lower states need model.trained_layers"
             decoder = decoder_of(self.backbone)
             last_hidden = run_layers(decoder, lower_states, attention_mask, self.split, len(decoder.layers), True)
+        elif self.unpadded:
+            assert input_ids is not None
+            last_hidden = unpadded_forward(self.backbone, input_ids, attention_mask)
         else:
             assert input_ids is not None
             last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,

@@ -71,6 +71,39 @@ def test_launcher_trains_two_ranks_to_the_end(tmp_path: Path, script: str, extra
     assert (tmp_path / engine / "metrics.json").is_file()
 
 
+def test_deepspeed_trains_one_process_without_a_launcher(tmp_path: Path) -> None:
+    """`rectrain train` alone with engine=deepspeed (debugging on one GPU): a group of one, not a
+    search for MPI peers."""
+    cfg = config(tmp_path, "ds-alone", 3)
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "train.cli", "train", str(cfg), "device=cpu", "engine=deepspeed",
+                           "deepspeed.zero_stage=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "engine deepspeed, 1 rank(s)" in done.stderr
+    assert sorted(losses(tmp_path / "ds-alone")) == [1, 2, 3]
+
+
+def test_cpu_ranks_share_the_cores_when_nobody_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from train.distributed import DistState, share_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        share_cpu_threads(DistState(0, 0, 2, torch.device("cpu")))
+        cores = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == (max(1, cores // 2) if cores == os.cpu_count() else cores)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a choice is kept
+        torch.set_num_threads(2)
+        share_cpu_threads(DistState(0, 0, 2, torch.device("cpu")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sigterm_checkpoints_and_resume_replays_the_losses(tmp_path: Path) -> None:
     steps = 150
     whole = subprocess.run([sys.executable, "-m", "train.cli", "train", str(config(tmp_path, "whole", steps))],
@@ -129,13 +162,14 @@ def test_deepspeed_signal_and_resume_replay_the_losses(tmp_path: Path) -> None:
     cut = config(tmp_path, "ds-cut", 10)
     first = run_ranks(deepspeed_run, 2, str(cut), 4, timeout=600)
     assert first == [None, None]  # both ranks stopped
-    assert (tmp_path / "ds-cut" / "checkpoints" / "latest").read_text().strip() == "step-4"
-    assert (tmp_path / "ds-cut" / "checkpoints" / "step-4" / "deepspeed").is_dir()
+    # Signalled after step 4: the ranks learn of it in step 5's all-reduce and stop together after it.
+    assert (tmp_path / "ds-cut" / "checkpoints" / "latest").read_text().strip() == "step-5"
+    assert (tmp_path / "ds-cut" / "checkpoints" / "step-5" / "deepspeed").is_dir()
     second = run_ranks(deepspeed_run, 2, str(cut), None, timeout=600)
     assert second == [{"step": 10}, {"step": 10}]
     expected, got = losses(tmp_path / "ds-whole"), losses(tmp_path / "ds-cut")
     assert sorted(got) == list(range(1, 11))
-    for step in range(5, 11):
+    for step in range(6, 11):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
 
 

@@ -86,6 +86,9 @@ class ModelConfig:
     dtype: str = doc("float32", "float32 | bfloat16 | float16 weights")
     attn_implementation: str = doc("sdpa", "sdpa | eager | flash_attention_2 (needs the flash-attn package)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    unpadded: bool = doc(True, "the backbone computes a batch's real tokens only: packed into one row for the "
+                               "linear layers, laid out per sequence for attention (with attn_implementation=sdpa; "
+                               "the padded forward's figures up to float rounding, at the cost of the real tokens)")
     trained_layers: int = doc(-1, "-1: LoRA on every layer, items encoded from their tokens at each step; K >= 0 "
                                   "(user_encoder=items): LoRA on the top K layers only, the frozen lower layers' "
                                   "token states computed once per item at start-up and reused by every step and "
@@ -147,6 +150,8 @@ class TrainConfig:
     grad_cache_chunk: int = doc(0, "gradient caching: embed users and items in chunks of this many rows without a "
                                    "graph, take the loss over the whole global batch once, then replay each chunk "
                                    "with its graph (memory of one chunk, negatives of the whole batch); 0 = off")
+    report_to: list[str] = doc([], "where metrics.jsonl's rows also go: tensorboard (RUN_DIR/tb, for tensorboard "
+                                    "--logdir) and/or wandb (offline, under RUN_DIR/wandb; wandb sync uploads it)")
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -164,6 +169,8 @@ class TrainConfig:
         one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         check(self.collective_timeout >= 10, "train.collective_timeout", "must be >= 10 seconds")
         check(self.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0 = off)")
+        for name in self.report_to:
+            one_of(name, "train.report_to", ("tensorboard", "wandb"))
 
 
 @dataclass

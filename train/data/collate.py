@@ -16,6 +16,11 @@ from train.config.schema import AugmentConfig, PromptConfig
 from train.data.catalog import Catalog
 
 
+# Items whose tokens a process keeps (about 30 MB at 32 tokens an item); past it, the rest are
+# tokenised at each use.
+ITEM_CACHE_LIMIT = 200_000
+
+
 def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids, attention_mask), padded on `side`."""
     width = max(len(s) for s in sequences)
@@ -62,6 +67,9 @@ class PromptCollator:
         # instruction survives and only the oldest items go.
         head = prompt.user_template.split("{history}", 1)[0].format(instruction=prompt.instruction)
         self.head_tokens = len(self._ids([head])[0]) if head else 0
+        # Each item's tokens, made once per process (a loader worker has its own): an item's text
+        # never changes, and popular items recur in nearly every batch.
+        self.item_cache: dict[int, list[int]] = {}
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -92,7 +100,11 @@ class PromptCollator:
         return out
 
     def item_tokens(self, item_indices: Sequence[int]) -> list[list[int]]:
-        return self.tokenize_items(self.catalog.texts(item_indices))
+        new = [i for i in dict.fromkeys(item_indices) if i not in self.item_cache]
+        fresh = dict(zip(new, self.tokenize_items(self.catalog.texts(new)))) if new else {}
+        if len(self.item_cache) + len(fresh) <= ITEM_CACHE_LIMIT:
+            self.item_cache.update(fresh)
+        return [self.item_cache[i] if i in self.item_cache else fresh[i] for i in item_indices]
 
     def tokenize_items(self, texts: list[str]) -> list[list[int]]:
         """Item texts -> token lists: cut to max_item_tokens - 1, then EOS."""

@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from model.rec_model import RecModel
 from train.config.schema import Config
-from train.distributed import DistState
+from train.distributed import DistState, join_group_of_one
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ class Engine:
         if tc.optimizer == "sgd":
             self.optimizer: Any = torch.optim.SGD(self.trainable(model), lr=tc.lr, weight_decay=tc.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.trainable(model), lr=tc.lr, weight_decay=tc.weight_decay)
+            # The fused kernel (CPU and CUDA) updates every tensor in one pass: about half the
+            # time of the per-tensor loop, the same update up to float rounding.
+            fused = self.dist.device.type in ("cpu", "cuda")
+            self.optimizer = torch.optim.AdamW(self.trainable(model), lr=tc.lr, weight_decay=tc.weight_decay,
+                                               fused=fused or None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, tc.warmup_steps, tc.max_steps)
         self.wrapped: nn.Module = model
 
@@ -251,6 +255,8 @@ class DeepSpeedEngine(Engine):
     def build(self, model: RecModel) -> None:
         import deepspeed
 
+        # One process, started without a launcher: DeepSpeed would look for MPI to find its peers.
+        join_group_of_one(self.dist.device)
         super().build(model)
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         config = self.ds_config()

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from train.distributed import any_process
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -21,10 +20,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopGuard:
-    """Remembers SIGTERM / SIGUSR1 instead of dying; the loop asks `stop_requested` each step."""
+    """Remembers SIGTERM / SIGUSR1 instead of dying; each step asks `signalled`."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.signal: int | None = None
         self.previous_handlers: dict[int, Any] = {}
 
@@ -36,9 +34,10 @@ class StopGuard:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum
 
-    def stop_requested(self) -> bool:
-        """Whether any rank was signalled: all ranks must stop at the same step to checkpoint together."""
-        return any_process(self.signal is not None, self.device)
+    def signalled(self) -> bool:
+        """Whether this rank was signalled; the step settles whether any was (TrainStep.stop), so
+        that all ranks stop at the same step and checkpoint together."""
+        return self.signal is not None
 
     def reason(self) -> str:
         return signal.Signals(self.signal).name if self.signal else "another rank's signal"
@@ -58,11 +57,13 @@ class BadSteps:
         self.in_a_row = 0
         self.total = 0
 
-    def check(self, skipped: bool, loss: float, step: int, last_checkpoint: Callable[[], str | None]) -> None:
+    def check(self, skipped: bool, loss_value: torch.Tensor, step: int,
+              last_checkpoint: Callable[[], str | None]) -> None:
         """Count this step; `last_checkpoint()` names the checkpoint a stop leaves (asked only then)."""
         if not skipped:
             self.in_a_row = 0
             return
+        loss = float(loss_value)  # read only here: a taken step's loss stays on the device
         self.in_a_row += 1
         self.total += 1
         what = f"loss {loss}" if not math.isfinite(loss) else "a non-finite gradient"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from train.config.io import other_run, save_config
+from train.config.io import other_run, save_config, to_dict
 from train.config.schema import Config
 from train.data.layout import Layout
 from train.data.stream import TrainStream, expand_urls, make_loader
@@ -26,8 +26,10 @@ from train.errors import UserError
 from train.evaluation.evaluate import Evaluator
 from train.evaluation.report import flatten_metrics, format_table, write_json_atomic
 from train.loop.engines import Engine, choose
+from train.loop.flops import StepFlops, device_peak
 from train.loop.guards import BadSteps, StopGuard
 from train.loop.meter import Meter
+from train.loop.reporters import make_reporters
 from train.loop.schedule import Every
 from train.loop.cached_step import CachedStep
 from train.loop.step import StepResult, TrainStep
@@ -46,7 +48,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
-        self.guard = StopGuard(dist_state.device)
+        self.guard = StopGuard()
         tc = config.train
         self.validation = Every(tc.eval_every, tc.max_steps)
         self.checkpointing = Every(tc.save_every, tc.max_steps)
@@ -98,6 +100,7 @@ class Trainer:
         self.stepper = step_class(config, self.model, self.engine, self.collator, self.inputs.token_items,
                                self.dist.device, self.dist.world_size, self.evaluator.catalog_tokens,
                                self.evaluator.state_cache(self.encoder))
+        self.stepper.stop_signal = self.guard.signalled
         # Per-rank randomness (LoRA dropout) after identical initialisation.
         torch.manual_seed(config.seed * 1000 + self.dist.rank)
         self.claim_run_dir()
@@ -118,6 +121,25 @@ class Trainer:
         log.info("engine %s, %d rank(s), launcher %s; %s trainable of %s parameters (%.2f%%) on %s", self.engine.name,
                  self.dist.world_size, self.dist.launcher, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  self.dist.device)
+        self.setup_meter()
+
+    def setup_meter(self) -> None:
+        """What the meter needs beyond the steps: the backbone's FLOPs a token, the device's peak,
+        and (main rank) the train.report_to reporters."""
+        config, backbone = self.config, self.encoder.backbone
+        layers = int(getattr(backbone.config, "num_hidden_layers"))
+        run = layers if config.model.trained_layers < 0 else config.model.trained_layers
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters() if p.requires_grad)
+        self.meter.flops = StepFlops(backbone.config, run, trained)
+        self.meter.peak, source = device_peak(self.dist.device, config.train.precision)
+        self.meter.devices = self.dist.world_size
+        self.meter.device = self.dist.device
+        if self.meter.peak:
+            log.info("model-FLOP utilisation (mfu) against %.2f TFLOP/s a device: %s", self.meter.peak / 1e12, source)
+        else:
+            log.info("no model-FLOP utilisation figure: %s", source)
+        if self.dist.is_main:
+            self.meter.reporters = make_reporters(config.train.report_to, self.run_dir, to_dict(config))
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
@@ -139,21 +161,20 @@ class Trainer:
         batches = iter(self.loader)
         try:
             while self.step < tc.max_steps:
-                if self.guard.stop_requested():
-                    self.save()
-                    log.warning("stopped at step %d by %s; checkpoint saved, resume=auto continues", self.step,
-                                self.guard.reason())
-                    return None
                 asked = time.perf_counter()
                 batch = next(batches)
                 data_wait = time.perf_counter() - asked
                 result = self.train_step(batch)
-                loss = float(result.loss)
-                self.bad_steps.check(result.skipped, loss, self.step, self.last_checkpoint)
-                self.meter.update(result, loss, data_wait)
+                self.bad_steps.check(result.skipped, result.loss, self.step, self.last_checkpoint)
+                self.meter.update(result, data_wait)
                 if self.logging.due(self.step):
                     self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar)
                 bar.update(1)
+                if result.stop:  # some rank was signalled: all stop here, together
+                    self.save()
+                    log.warning("stopped at step %d by %s; checkpoint saved, resume=auto continues", self.step,
+                                self.guard.reason())
+                    return None
                 if self.validation.due(self.step):
                     self.validate()
                 elif self.checkpointing.due(self.step):
@@ -257,5 +278,6 @@ class Trainer:
         """Drop the loader, restore the signal handlers, leave the process group (without
         waiting for the peers when this rank `failed`)."""
         self.loader = None  # type: ignore[assignment]
+        self.meter.close()
         self.guard.restore()
         close_process_group(meet=not failed)

@@ -19,7 +19,7 @@ from model.rec_model import RecModel
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator
-from train.distributed import any_process, even_share
+from train.distributed import anywhere, even_share
 from train.evaluation.encode import encode_sharded, eval_mode
 from train.loop.engines import Engine
 
@@ -56,6 +56,8 @@ class StepResult:
     tokens: int  # real (unpadded) tokens the global batch fed the backbone
     skipped: bool = False  # a loss or gradient was not finite: no update on any rank
     padded_tokens: int = 0  # positions the backbone computed, padding included (tokens / this: padding waste)
+    token_squares: int = 0  # the sum of each backbone sequence's squared length (attention's work)
+    stop: bool = False  # a rank was asked to stop (SIGTERM / SIGUSR1): every rank stops after this step
 
 
 class TrainStep:
@@ -81,12 +83,18 @@ class TrainStep:
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
         self.skipped = False  # this step's update is left out (a non-finite loss or gradient)
+        # Whether this rank was asked to stop (the loop's StopGuard): decided with the step's
+        # finite check, in the same all-reduce.
+        self.stop_signal: Callable[[], bool] = lambda: False
+        self.stop = False
 
     def __call__(self, batch: Batch, step: int) -> StepResult:
         """Step `step` (counted from 0) on this rank's part of the global batch."""
         samples = len(batch["item_ids"]) * self.world_size
         masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
-        tokens = sum(int(mask.sum()) for mask in masks) * self.world_size
+        lengths = [mask.sum(dim=1) for mask in masks]
+        tokens = sum(int(length.sum()) for length in lengths) * self.world_size
+        squares = sum(int(length.square().sum()) for length in lengths) * self.world_size
         padded = sum(mask.numel() for mask in masks) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.refresh_catalog(step)
@@ -96,7 +104,7 @@ class TrainStep:
             self.engine.skip()
         else:
             self.skipped = not self.engine.step()
-        return StepResult(loss.detach(), samples, tokens, self.skipped, padded)
+        return StepResult(loss.detach(), samples, tokens, self.skipped, padded, squares, self.stop)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """This rank's loss, its gradient left in the parameters (reduced across ranks); no
@@ -108,8 +116,10 @@ class TrainStep:
 
     def nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
         """Whether any rank's loss is NaN or infinite: then every rank skips this step's backward
-        and update together (one rank's NaN would reach all through the gradients' reduction)."""
-        self.skipped = any_process(not bool(torch.isfinite(loss.detach()).all()), self.device)
+        and update together (one rank's NaN would reach all through the gradients' reduction).
+        Whether any rank was asked to stop is settled in the same all-reduce (`stop`)."""
+        nonfinite = not bool(torch.isfinite(loss.detach()).all())
+        self.skipped, self.stop = anywhere([nonfinite, self.stop_signal()], self.device)
         return self.skipped
 
     def embed(self, batch: Batch) -> TextEmbeddings | SequenceEmbeddings:

@@ -9,12 +9,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel
 
 from model.encoder import RecEncoder
+from model.unpadded import ATTENTION
 from model.user_tower import UserTower
 from train.config.schema import ModelConfig
 from train.errors import UserError
 from train.modeling import weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attention_of(config: ModelConfig) -> str:
+    """The backbone's attention: model.unpadded swaps sdpa for the packed-batch kernel (plain sdpa
+    for padded batches, so evaluation and export see the same model)."""
+    return ATTENTION if config.unpadded and config.attn_implementation == "sdpa" else config.attn_implementation
 
 
 def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None) -> torch.nn.Module:
@@ -24,22 +31,25 @@ def load_backbone(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         kwargs: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         try:
             return AutoModel.from_pretrained(weights.resolve(config.name_or_path, config.gguf_file), dtype=dtype,
-                                             attn_implementation=config.attn_implementation, **kwargs)
+                                             attn_implementation=attention_of(config), **kwargs)
         except OSError as err:
             raise UserError(f"model.name_or_path: cannot load {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
-    return random_model(config.architecture, "model.architecture", config, vocab_size, pad_token_id)
+    return random_model(config.architecture, "model.architecture", config, vocab_size, pad_token_id,
+                        attention=attention_of(config))
 
 
 def random_model(architecture: dict[str, Any], key: str, config: ModelConfig, vocab_size: int,
-                 pad_token_id: int | None, **special: Any) -> torch.nn.Module:
-    """A randomly initialised transformers base model from a config dict (`key` names it in errors)."""
+                 pad_token_id: int | None, attention: str = "", **special: Any) -> torch.nn.Module:
+    """A randomly initialised transformers base model from a config dict (`key` names it in errors);
+    `attention`: its attention implementation, model.attn_implementation by default."""
     arch = {**special, **architecture}
     model_type = arch.pop("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, vocab_size=vocab_size, pad_token_id=pad_token_id, **arch)
     except (ValueError, TypeError) as err:
         raise UserError(f"{key}: {err}") from None
-    return AutoModel.from_config(hf_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation)
+    return AutoModel.from_config(hf_config, dtype=DTYPES[config.dtype],
+                                 attn_implementation=attention or config.attn_implementation)
 
 
 def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int,

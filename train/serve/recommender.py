@@ -28,7 +28,7 @@ from train.config.io import load_config
 from train.data.catalog import Catalog
 from train.data.collate import PromptCollator
 from train.errors import UserError
-from train.modeling.backbone import DTYPES, random_model
+from train.modeling.backbone import DTYPES, attention_of, random_model
 from train.serve.export import HEADS_FILE, MANIFEST, read_items
 from train.serve.index import ItemIndex
 
@@ -65,7 +65,7 @@ class Recommender:
         # The folder's limit is sentence-transformers' item length; the collator cuts prompts itself.
         tokenizer.model_max_length = max(self.config.prompt.max_user_tokens, self.config.prompt.max_item_tokens)
         backbone = AutoModel.from_pretrained(str(root / "model"), dtype=DTYPES[model.dtype],
-                                             attn_implementation=model.attn_implementation)
+                                             attn_implementation=attention_of(model))
         hidden = int(getattr(backbone.config, "hidden_size"))
         tower = None
         if model.user_encoder == "items":
