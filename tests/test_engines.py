@@ -124,3 +124,15 @@ def test_precision_checkpointing_and_attention_settings_train(tmp_path: Path, ov
     assert any("lora_B" in n for n in changed)
     if "model.gradient_checkpointing=true" in overrides:
         assert trainer.encoder.backbone.base_model.model.is_gradient_checkpointing
+
+
+def test_a_compiled_backbone_trains_as_the_eager_one(tmp_path: Path) -> None:
+    """train.compile: torch.compile's kernels (dynamic shapes, the unpadded attention inside) give
+    the eager losses and weights, and the parameter names checkpoints use."""
+    runs = {flag: train_on_fixed_batches(0, 1, str(tmp_path), [("plain", -1)], (f"train.compile={flag}",))["plain-1"]
+            for flag in ("false", "true")}
+    (eager_losses, eager_weights), (losses, weights) = runs["false"], runs["true"]
+    assert losses == pytest.approx(eager_losses, abs=1e-5)
+    assert set(weights) == set(eager_weights)
+    for name, ref in eager_weights.items():
+        assert torch.allclose(weights[name], ref, rtol=1e-4, atol=2e-5), name

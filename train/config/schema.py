@@ -150,6 +150,8 @@ class TrainConfig:
     grad_cache_chunk: int = doc(0, "gradient caching: embed users and items in chunks of this many rows without a "
                                    "graph, take the loss over the whole global batch once, then replay each chunk "
                                    "with its graph (memory of one chunk, negatives of the whole batch); 0 = off")
+    compile: bool = doc(False, "torch.compile the backbone (dynamic shapes): the first step compiles (about a "
+                               "minute on a CPU), later ones run the generated kernels")
     report_to: list[str] = doc([], "where metrics.jsonl's rows also go: tensorboard (RUN_DIR/tb, for tensorboard "
                                     "--logdir) and/or wandb (offline, under RUN_DIR/wandb; wandb sync uploads it)")
 

@@ -85,6 +85,10 @@ class Trainer:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
         self.model = build_model(self.config, self.inputs, self.dist.device)
         self.encoder = self.model.encoder
+        if self.config.train.compile:
+            # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
+            # Dynamic shapes: every batch has its own length, which must not recompile.
+            self.encoder.backbone.compile(dynamic=True)
 
     def setup(self) -> None:
         """Everything before the first step: process group, data, model, engine, resume, loader."""
