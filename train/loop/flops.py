@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-# Dense (no sparsity) peaks in TFLOP/s, from the vendors' datasheets: (16-bit, tf32/fp32).
+# Dense (no sparsity) peaks in TFLOP/s, from the vendors' datasheets: (bf16/fp16, tf32). fp32 runs
+# are measured against the TF32 peak, which torch reaches only with TF32 matmuls allowed.
 GPU_PEAKS = {"H200": (989.0, 494.0), "H100 SXM": (989.0, 494.0), "H100 NVL": (835.0, 418.0),
              "H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
              "L4": (121.0, 60.0), "A10G": (70.0, 35.0), "A10": (125.0, 62.5), "V100": (125.0, 15.7),

@@ -93,8 +93,10 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step: process group, data, model, engine, resume, loader."""
         config = self.config
-        self.guard.install()
         init_process_group(self.dist, config.train.collective_timeout)
+        # After joining the group: a launcher's SIGTERM while a rank waits for its peers (torchrun
+        # tearing down a failed rendezvous) must end the process, not be kept for a step boundary.
+        self.guard.install()
         engine_class = choose(config, self.dist)
         self.setup_data()
         self.setup_model()
