@@ -50,7 +50,6 @@ class WandbOffline:
             import wandb
         except ImportError:
             raise UserError("train.report_to: wandb needs the wandb package (pip install wandb)") from None
-        self.wandb = wandb
         self.run = wandb.init(mode="offline", dir=str(run_dir), name=run_dir.name, config=config)
 
     def write(self, row: dict[str, Any]) -> None:
