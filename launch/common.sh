@@ -21,6 +21,12 @@ torchrun_train() {
         --max-restarts "$MAX_RESTARTS" -m train.cli train "$CONFIG" "$@"
 }
 
+# torchrun's agent lends its rendezvous store to the workers by default, and keeps it across
+# restarts: a restarted worker can then read the previous attempt's addresses and fail with "Gloo
+# connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712, seen here in 2 of 3
+# --max-restarts runs). With this, rank 0 hosts a fresh store on a fresh port at every attempt.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 NPROC=${NPROC_PER_NODE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -16,6 +16,7 @@ import pytest
 
 from multiproc import free_port, run_ranks
 from test_cli import TINY, losses
+from train.evaluation.report import flatten_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
@@ -191,6 +192,46 @@ def test_a_dead_rank_ends_the_job_with_its_name(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert time.time() - killed_at < 60
     assert "rank" in output and ("local_rank: 1" in output or "rank 1" in output), output[-3000:]
+
+
+def restart_run(tmp_path: Path, name: str, kill_after: int | None) -> tuple[Path, str]:
+    """launch/torchrun.sh --max-restarts 2 at 2 CPU ranks; with kill_after, rank 1 is SIGKILLed
+    once a step past that checkpoint is logged."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(TINY.format(run=tmp_path / name, data=tmp_path / "data", workers=0)
+                   .replace("max_steps: 8", "max_steps: 400").replace("save_every: 4", "save_every: 25"))
+    run = tmp_path / name
+    proc = subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), "--nproc", "2", "--max-restarts", "2",
+                             "--master", f"127.0.0.1:{free_port()}", str(cfg), "device=cpu",
+                             "train.collective_timeout=30"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_after is not None:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run / "checkpoints" / f"step-{kill_after}" / "COMPLETE").exists():
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "train.cli" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert workers, "rank 1 not found"
+        workers[0].kill()
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    return run, output
+
+
+# A rank killed outright (no signal handler runs): torchrun stops the other, starts both again, and
+# they resume from the newest whole checkpoint, ending where an undisturbed run ends.
+def test_a_killed_rank_restarts_from_the_checkpoint_and_ends_as_an_undisturbed_run(tmp_path: Path) -> None:
+    whole, _ = restart_run(tmp_path, "whole", None)
+    cut, output = restart_run(tmp_path, "cut", 25)
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if "rectrain: resumed from" in line]
+    assert len(resumed) == 1 and 25 <= resumed[0] < 400, output[-4000:]
+    assert "connectFullMesh failed" not in output  # the restarted group formed at its first try
+    expected, got = losses(whole), losses(cut)
+    assert sorted(got) == list(range(1, 401))
+    for step in range(resumed[0] + 1, 401):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    final, final_cut = (flatten_metrics(json.loads((run / "metrics.json").read_text())) for run in (whole, cut))
+    assert len(final) > 10 and final_cut == pytest.approx(final, abs=1e-6)
 
 
 # The eval recipe joins the process group like training: each rank encodes and ranks its share,

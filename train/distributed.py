@@ -140,6 +140,11 @@ def init_process_group(dist_state: DistState, timeout_s: int) -> None:
     backend = "nccl" if dist_state.device.type == "cuda" else "gloo"
     if dist_state.device.type == "cuda":
         torch.cuda.set_device(dist_state.device)
+    if (dist_state.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        log.warning("torchrun restarts with its shared rendezvous store: a restarted group can read the previous "
+                    "attempt's addresses and fail to connect (pytorch/pytorch#135712); export "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (launch/torchrun.sh does)")
     dist.init_process_group(backend, rank=dist_state.rank, world_size=dist_state.world_size,
                             timeout=timedelta(seconds=timeout_s))
 
