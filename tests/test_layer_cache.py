@@ -15,6 +15,7 @@ from test_model import PAD_ID, SEQUENCES, TINY, randomise_lora, tiny_encoder
 from train.config.io import load_config
 from train.data.collate import pad
 from train.errors import UserError
+from train.evaluation.report import flatten_metrics
 
 THREE_LAYERS = [*TINY, "model.architecture.num_hidden_layers=3", "model.user_encoder=items", "model.projection_dim=8"]
 
@@ -131,3 +132,30 @@ def test_train_then_eval_with_frozen_lower_layers(tmp_path: Path, trained: int) 
     if trained == 1:  # a checkpoint without an id table, asked for one
         missing = rectrain("eval", str(config), *extra[:-1], "model.id_embeddings=true", cwd=tmp_path)
         assert missing.returncode == 2 and "id_embeddings" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# A LoRA stage started from a frozen stage (model.init_from): its new adapter is zero, so before it
+# learns anything it is the frozen stage's model, figure for figure.
+def test_a_lora_stage_starts_from_the_frozen_stage(tmp_path: Path) -> None:
+    from test_cli import rectrain, write_config
+
+    frozen = ["model.user_encoder=items", "model.trained_layers=0", "model.id_embeddings=true", "train.max_steps=4"]
+    done = rectrain("train", str(write_config(tmp_path, "frozen")), *frozen, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lora = ["model.user_encoder=items", "model.trained_layers=1", "model.id_embeddings=true",
+            f"model.init_from={tmp_path / 'frozen'}"]
+    # One step at a learning rate too small to move a weight: the figures are those of the start.
+    started = rectrain("train", str(write_config(tmp_path, "lora")), *lora, "train.max_steps=1", "train.lr=1e-12",
+                       cwd=tmp_path)
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert f"weights from {tmp_path / 'frozen' / 'checkpoints' / 'step-4'}" in started.stderr
+    first, second = (flatten_metrics(json.loads((tmp_path / name / "metrics.json").read_text()))
+                     for name in ("frozen", "lora"))
+    assert second == pytest.approx(first, abs=1e-6)
+    assert (tmp_path / "lora" / "checkpoints" / "step-1" / "adapter").is_dir()
+    # It learns from there; a checkpoint that does not fit is one line.
+    learned = rectrain("train", str(write_config(tmp_path, "lora2")), *lora, "train.max_steps=3", cwd=tmp_path)
+    assert learned.returncode == 0, learned.stderr[-3000:]
+    assert flatten_metrics(json.loads((tmp_path / "lora2" / "metrics.json").read_text())) != first
+    wrong = rectrain("train", str(write_config(tmp_path, "wrong")), *lora[:-1], f"model.init_from={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert wrong.returncode == 2 and "model.init_from" in wrong.stderr and "Traceback" not in wrong.stderr

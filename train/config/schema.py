@@ -97,6 +97,11 @@ class ModelConfig:
     id_embeddings: bool = doc(False, "user_encoder=items: add a trained vector per catalog item (an ID table, "
                                      "SASRec's collaborative signal) to its text embedding; it starts at zero, so an "
                                      "item never seen in training is its text alone")
+    init_from: str = doc("", "a checkpoint, or a run directory (its best validated checkpoint, else its newest), whose "
+                             "trained weights start this run: projection, id table, user tower and adapter (not the "
+                             "optimizer or the step). A LoRA stage (trained_layers >= 1) started from a frozen "
+                             "stage's run (trained_layers=0) gets a new adapter at zero: it starts from exactly that "
+                             "run's model. resume takes precedence")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
 
     def __post_init__(self) -> None:

@@ -85,6 +85,10 @@ class Trainer:
         """Encoder (same initial weights on every rank) and objective, as one RecModel."""
         self.model = build_model(self.config, self.inputs, self.dist.device)
         self.encoder = self.model.encoder
+        if self.config.model.init_from:  # a resumed run then replaces these with its checkpoint's
+            start = checkpoint.initial(Path(self.config.model.init_from))
+            checkpoint.load_weights(start, self.encoder, start=True)
+            log.info("weights from %s (model.init_from)", start)
         if self.config.train.compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
             # Dynamic shapes: every batch has its own length, which must not recompile.

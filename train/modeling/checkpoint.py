@@ -185,15 +185,34 @@ def _heads(encoder: RecEncoder) -> list[tuple[str, Any]]:
                                             ("id_embeddings", encoder.id_embeddings)) if head is not None]
 
 
-def load_weights(path: Path, encoder: RecEncoder) -> None:
-    """Put a checkpoint's adapter and projection into `encoder` (built with the same config)."""
+def initial(path: Path) -> Path:
+    """The checkpoint `model.init_from` names: a checkpoint folder, or a run directory's best
+    validated checkpoint, else its newest whole one."""
+    if (path / STATE_FILE).is_file():
+        return path
+    best = read_best(path) if (path / "checkpoints").is_dir() else None
+    found = path / "checkpoints" / best["checkpoint"] if best else latest(path) if (path / "checkpoints").is_dir() else None
+    if found is None or damage(found) is not None:
+        raise UserError(f"model.init_from: {path} is neither a checkpoint nor a run directory holding a whole one")
+    return found
+
+
+def load_weights(path: Path, encoder: RecEncoder, start: bool = False) -> None:
+    """Put a checkpoint's adapter and projection into `encoder` (built with the same config).
+
+    With `start` (model.init_from) a checkpoint without an adapter may start a model that trains
+    one: the new adapter keeps its initial state, LoRA's B = 0, so the run starts from exactly the
+    checkpoint's function (a LoRA stage after a frozen-backbone stage)."""
     backbone = encoder.backbone
     adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
-    if isinstance(backbone, PeftModel) and not adapter.is_file():
+    fresh_adapter = isinstance(backbone, PeftModel) and not adapter.is_file()
+    if fresh_adapter and not start:
         raise UserError(f"{path}: no adapter, but the model config trains one")
     if not isinstance(backbone, PeftModel) and adapter.is_file():
         raise UserError(f"{path}: holds an adapter, but model.trained_layers=0 trains none")
-    if isinstance(backbone, PeftModel):
+    if fresh_adapter:
+        log.info("%s has no adapter: the adapter starts at zero, the rest from the checkpoint", path)
+    elif isinstance(backbone, PeftModel):
         result: Any = set_peft_model_state_dict(backbone, load_file(str(adapter)))
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
