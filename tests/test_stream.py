@@ -253,14 +253,15 @@ def counts_of(urls: list[str]) -> dict[str, int]:
     return {url: len(keys_in_shards([url])) for url in urls}
 
 
+@pytest.mark.parametrize("shuffle", ["block", "reservoir"])
 @pytest.mark.parametrize("world_size, num_workers, fixture", [(1, 0, "many_shards"), (2, 2, "many_shards"),
                                                               (2, 2, "three_shards")])
 @pytest.mark.parametrize("skip", [0, 3, 11, 40, 57])
-def test_resume_seeks_past_whole_epochs_to_the_same_batches(skip: int, world_size: int, num_workers: int,
-                                                            fixture: str, request: pytest.FixtureRequest) -> None:
+def test_resume_seeks_to_the_same_batches(skip: int, world_size: int, num_workers: int, fixture: str, shuffle: str,
+                                          request: pytest.FixtureRequest) -> None:
     urls: list[str] = request.getfixturevalue(fixture)
     settings: dict[str, Any] = dict(rank=world_size - 1, world_size=world_size, batch_size=8, epochs=None,
-                                    drop_last=True)
+                                    drop_last=True, shuffle=shuffle, shuffle_buffer_size=30)
     count = 10
     full = list(itertools.islice(loader(stream(urls, **settings), num_workers), skip + count))
     seeking = stream(urls, skip_batches=skip, shard_samples=counts_of(urls), **settings)
@@ -276,6 +277,19 @@ def test_resume_reads_at_most_one_epoch_again(many_shards: list[str]) -> None:
                              shard_samples=counts_of(many_shards), **settings)
     assert next(iter(seeking)) == next(iter(replaying))
     assert seeking.opened <= len(many_shards) < 5 * len(many_shards) < replaying.opened
+
+
+@pytest.mark.parametrize("into_epoch", [0, 7, 13, 60, 94])
+def test_resume_inside_an_epoch_opens_only_the_shards_from_its_block(into_epoch: int, many_shards: list[str]) -> None:
+    # Blocks of 40 samples (one shard each), batches of 8: batch b of an epoch lies in block b // 5.
+    settings: dict[str, Any] = dict(batch_size=8, epochs=None, drop_last=True, shuffle_buffer_size=40)
+    per_epoch = sum(counts_of(many_shards).values()) // 8
+    skip = 3 * per_epoch + into_epoch
+    replaying = CountingStream(many_shards, rank=0, world_size=1, collate=sample_keys, skip_batches=skip, **settings)
+    seeking = CountingStream(many_shards, rank=0, world_size=1, collate=sample_keys, skip_batches=skip,
+                             shard_samples=counts_of(many_shards), **settings)
+    assert list(itertools.islice(seeking, 3)) == list(itertools.islice(replaying, 3))
+    assert seeking.opened <= 2 < 3 * len(many_shards) < replaying.opened  # the block's shard (and the next)
 
 
 def test_skip_batches_in_process(many_shards: list[str]) -> None:

@@ -76,7 +76,9 @@ class DataConfig:
     unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
     shard_size: int = doc(10000, "training samples per WebDataset shard")
     num_workers: int = doc(1, "DataLoader worker processes per rank (0 = in the main process)")
-    shuffle_buffer: int = doc(2000, "samples held in the streaming shuffle buffer")
+    shuffle_buffer: int = doc(2000, "samples shuffled together: each rank's stream is shuffled in blocks of this "
+                                    "many consecutive samples (a resumed run reads from its block's shard); 0 or 1 = "
+                                    "no shuffle")
     on_bad_shard: str = doc("fail", "a corrupt or truncated training shard: fail (every rank stops, the shard named) | "
                                     "skip (its name and the samples lost are logged; every rank still takes the same "
                                     "steps)")

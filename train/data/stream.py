@@ -8,6 +8,13 @@ rank waits on another that ran dry (the classic webdataset DDP hang). Within one
 sample reaches exactly one (rank, worker) consumer: by whole shards when there are at least as
 many shards as consumers, else by sample index, so small data is never silently duplicated
 or dropped.
+
+Shuffling is by blocks: a consumer's samples of an epoch (its shards in the epoch's order) are
+cut into blocks of `data.shuffle_buffer` consecutive samples and each block is shuffled alone,
+seeded by (seed, epoch, consumer, block). So a resumed run at step 100,000 computes where its
+next batch lies from the manifest's shard counts and opens the shard holding that block's first
+sample: it reads at most one block again, never the data it already trained on. Runs whose
+checkpoints predate blocks resume with the reservoir shuffle they were trained with.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import logging
 import random
 import tarfile
 from collections.abc import Callable, Iterator
-from itertools import count, islice
+from itertools import chain, count, islice
 from typing import Any
 
 import braceexpand
@@ -78,6 +85,16 @@ def read_shard(url: str, on_bad: str = "fail", expected: int | None = None) -> I
             log.warning("%s: corrupt shard after %d samples (%s): skipped, %s lost", url, read, reason, lost)
 
 
+def block_shuffle(samples: Iterator[dict[str, Any]], size: int, rng_of: Callable[[int], random.Random],
+                  first_block: int = 0) -> Iterator[dict[str, Any]]:
+    """Consecutive blocks of `size` samples, each shuffled by its own `rng_of(block)`."""
+    block = first_block
+    while chunk := list(islice(samples, size)):
+        rng_of(block).shuffle(chunk)
+        yield from chunk
+        block += 1
+
+
 def shuffle_buffer(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
     """Reservoir-style shuffle: hold `size` samples, emit a random one as each new one arrives."""
     buffer: list[dict[str, Any]] = []
@@ -97,7 +114,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, rank: int, world_size: int, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any],
                  seed: int = 0, shuffle_buffer_size: int = 1000, epochs: int | None = None, drop_last: bool = True,
-                 skip_batches: int = 0, on_bad_shard: str = "fail", shard_samples: dict[str, int] | None = None) -> None:
+                 skip_batches: int = 0, on_bad_shard: str = "fail", shard_samples: dict[str, int] | None = None,
+                 shuffle: str = "block") -> None:
         super().__init__()
         if not urls:
             raise ValueError("no training shards")
@@ -112,6 +130,9 @@ class TrainStream(IterableDataset):
         self.skip_batches = skip_batches
         self.on_bad_shard = on_bad_shard
         self.shard_samples = shard_samples or {}  # url -> samples it holds (the manifest's), for what a bad one loses
+        if shuffle not in ("block", "reservoir"):
+            raise ValueError(f"shuffle must be block or reservoir, not {shuffle!r}")
+        self.shuffle = shuffle
 
     def read(self, url: str) -> Iterator[dict[str, Any]]:
         return read_shard(url, self.on_bad_shard, self.shard_samples.get(url))
@@ -131,44 +152,79 @@ class TrainStream(IterableDataset):
             return consumer, urls[consumer::consumers], slice(None)
         return consumer, urls, slice(consumer, None, consumers)
 
-    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """This consumer's samples of one epoch, shuffled deterministically by (seed, epoch, consumer)."""
+    def samples(self, epoch: int, worker: int, num_workers: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """This consumer's samples of one epoch from its `start`-th on, shuffled deterministically
+        by (seed, epoch, consumer): reading begins at the block holding `start`."""
         consumer, urls, mine = self.assignment(epoch, worker, num_workers)
-        stream = islice((s for url in urls for s in self.read(url)), mine.start, None, mine.step)
-        rng = random.Random(hash((self.seed, epoch, consumer)))
-        return shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
+        if self.shuffle == "reservoir":
+            stream = islice((s for url in urls for s in self.read(url)), mine.start, None, mine.step)
+            rng = random.Random(hash((self.seed, epoch, consumer)))
+            shuffled = shuffle_buffer(stream, self.shuffle_buffer_size, rng) if self.shuffle_buffer_size > 1 else stream
+            return islice(shuffled, start, None)
+        size = self.shuffle_buffer_size
+        if size <= 1:
+            return self.read_from(urls, mine, start)
+        block = start // size
+        blocks = block_shuffle(self.read_from(urls, mine, block * size), size,
+                               lambda b: random.Random(hash((self.seed, epoch, consumer, b))), block)
+        return islice(blocks, start - block * size, None)
+
+    def read_from(self, urls: list[str], mine: slice, position: int) -> Iterator[dict[str, Any]]:
+        """A consumer's unshuffled samples from its `position`-th on. With trusted shard counts the
+        shards before it are not opened and the one holding it is read from its start, else the
+        epoch is read from its first sample."""
+        first, step = mine.start or 0, mine.step or 1
+        index = first + position * step  # in the stream of all `urls`' samples
+        if not self.counts_trusted(urls):
+            return islice((s for url in urls for s in self.read(url)), index, None, step)
+        for n, url in enumerate(urls):
+            if index < self.shard_samples[url]:
+                break
+            index -= self.shard_samples[url]
+        else:
+            return iter(())
+        rest = (s for later in urls[n + 1:] for s in self.read(later))
+        return islice(chain(islice(self.read(url), index, None), rest), 0, None, step)
+
+    def counts_trusted(self, urls: list[str]) -> bool:
+        # A skipped bad shard holds fewer samples than its count: only runs that stop on one
+        # (data.on_bad_shard=fail, which also checks every count it reads) can trust the counts.
+        return self.on_bad_shard == "fail" and all(url in self.shard_samples for url in urls)
 
     def epoch_batches(self, epoch: int, worker: int, num_workers: int) -> int | None:
         """How many batches consumer (rank, worker) makes of `epoch`, from the shards' sample counts
-        alone (None where a count is unknown: shards from data.shards, or one skipped as bad)."""
+        alone (None where a count is unknown or untrusted: shards from data.shards, or a run that
+        skips bad shards)."""
         _, urls, mine = self.assignment(epoch, worker, num_workers)
-        if any(url not in self.shard_samples for url in urls):
+        if not self.counts_trusted(urls):
             return None
         samples = len(range(sum(self.shard_samples[url] for url in urls))[mine])
         full, rest = divmod(samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def seek(self, skip: int, worker: int, num_workers: int) -> tuple[int, int]:
-        """(epoch, batches left to skip in it) after `skip` batches of this consumer: whole epochs
-        are passed over by their counts, without reading them, so a resumed run at step 100,000
-        reads at most one epoch again, not everything it consumed."""
+    def seek(self, skip: int, worker: int, num_workers: int) -> tuple[int, int, bool]:
+        """(epoch, batches left to skip in it, whether that epoch's counts are known) after `skip`
+        batches of this consumer: whole epochs are passed over by their counts, without reading
+        them; with known counts the rest is a position inside the epoch (see `samples`)."""
         epoch = 0
-        # A skipped bad shard holds fewer samples than its count: only runs that stop on one
-        # (data.on_bad_shard=fail, which also checks every count it reads) can trust the counts.
-        while self.on_bad_shard == "fail" and (self.epochs is None or epoch < self.epochs):
+        while self.epochs is None or epoch < self.epochs:
             batches = self.epoch_batches(epoch, worker, num_workers)
-            if batches is None or skip < batches or batches == 0:
+            if batches is None:
+                return epoch, skip, False
+            if skip < batches or batches == 0:
                 break
             skip -= batches
             epoch += 1
-        return epoch, skip
+        return epoch, skip, True
 
-    def _batches(self, worker: int, num_workers: int, first_epoch: int = 0) -> Iterator[list[dict[str, Any]]]:
+    def _batches(self, worker: int, num_workers: int, first_epoch: int = 0,
+                 first_batch: int = 0) -> Iterator[list[dict[str, Any]]]:
         epochs = range(first_epoch, self.epochs) if self.epochs is not None else count(first_epoch)
         for epoch in epochs:
             batch: list[dict[str, Any]] = []
             produced = 0
-            for sample in self.samples(epoch, worker, num_workers):
+            start = first_batch * self.batch_size if epoch == first_epoch else 0
+            for sample in self.samples(epoch, worker, num_workers, start):
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield batch
@@ -176,7 +232,7 @@ class TrainStream(IterableDataset):
                     batch = []
             if batch and not self.drop_last:
                 yield batch
-            elif produced == 0 and self.epochs is None:
+            elif produced == 0 and start == 0 and self.epochs is None:
                 raise RuntimeError(f"rank {self.rank} worker {worker}: an epoch holds fewer than "
                                    f"train.batch_size={self.batch_size} samples; lower the batch size or data.num_workers")
 
@@ -189,8 +245,11 @@ class TrainStream(IterableDataset):
         # with worker skip % num_workers: so worker w takes over the samples of consumer
         # (w + skip) % num_workers, and batches come out in the uninterrupted order.
         role = (worker + self.skip_batches) % num_workers
-        epoch, skip = self.seek(max(0, -(-(self.skip_batches - role) // num_workers)), role, num_workers)
-        for n, batch in enumerate(self._batches(role, num_workers, epoch)):
+        epoch, skip, known = self.seek(max(0, -(-(self.skip_batches - role) // num_workers)), role, num_workers)
+        # A known epoch is entered at the skipped batches' end; otherwise (or for a reservoir
+        # shuffle, whose state needs every earlier sample) they are read, not collated.
+        start = skip if known and self.shuffle == "block" else 0
+        for n, batch in enumerate(self._batches(role, num_workers, epoch, start), start=start):
             if n >= skip:
                 yield self.collate(batch)
 

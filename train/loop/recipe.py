@@ -48,6 +48,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.step = 0
         self.batches_consumed = 0
+        self.shuffle = "block"  # the stream's shuffle; a checkpoint from before blocks says reservoir
         self.guard = StopGuard()
         tc = config.train
         self.validation = Every(tc.eval_every, tc.max_steps)
@@ -123,7 +124,7 @@ class Trainer:
         stream = TrainStream(urls, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=config.train.batch_size,
                              collate=self.collator, seed=config.seed, shuffle_buffer_size=config.data.shuffle_buffer,
                              skip_batches=self.batches_consumed, on_bad_shard=config.data.on_bad_shard,
-                             shard_samples=shard_samples)
+                             shard_samples=shard_samples, shuffle=self.shuffle)
         self.loader = make_loader(stream, config.data.num_workers)
         # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.trainable(self.model))
@@ -244,7 +245,7 @@ class Trainer:
             staging.mkdir(parents=True)
         barrier()
         state = checkpoint.trainer_state(self.step, self.batches_consumed, self.model.objective,
-                                         self.stepper.catalog_embeddings, self.dist.world_size)
+                                         self.stepper.catalog_embeddings, self.dist.world_size, self.shuffle)
         state["engine"] = self.engine.save_state(staging)
         with self.engine.full_weights():
             if self.dist.is_main:
@@ -280,6 +281,7 @@ class Trainer:
         rng = state["rng"]
         checkpoint.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        self.shuffle = state.get("shuffle", "reservoir")  # the batches it was trained with, continued
         if state.get("catalog_embeddings") is not None:
             self.stepper.catalog_embeddings = state["catalog_embeddings"].to(self.dist.device)
         log.info("resumed from %s at step %d", path, self.step)

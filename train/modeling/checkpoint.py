@@ -44,13 +44,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainer_state(step: int, batches_consumed: int, objective: Objective, catalog_embeddings: torch.Tensor | None,
-                  world_size: int) -> dict[str, Any]:
+                  world_size: int, shuffle: str) -> dict[str, Any]:
     """The trainer's part of a checkpoint (every rank calls it: each rank's RNG state is kept)."""
     rng = rng_state()
     ranks_rng = [rng] * world_size
     if dist.is_initialized():
         dist.all_gather_object(ranks_rng, rng)
-    return {"step": step, "batches_consumed": batches_consumed, "rng": ranks_rng,
+    return {"step": step, "batches_consumed": batches_consumed, "shuffle": shuffle, "rng": ranks_rng,
             "objective": objective.state_dict(), "objective_calls": objective.calls,
             # The stale negatives in use, so that a resumed run takes exactly the same steps.
             "catalog_embeddings": None if catalog_embeddings is None else catalog_embeddings.cpu()}
