@@ -32,6 +32,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from train.data import tar_reader
 from train.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ def read_shard(url: str, on_bad: str = "fail", expected: int | None = None) -> I
     readable samples, or with `on_bad="skip"` ends there, logging the shard and how many of its
     `expected` samples were lost."""
     read = 0
+    local = tar_reader.local_path(url)
     try:
-        for raw in wds.tarfile_samples([{"url": url}]):
+        for raw in tar_reader.samples(local) if local else wds.tarfile_samples([{"url": url}]):
             sample = json.loads(raw["json"])
             sample["__key__"] = raw["__key__"]
             read += 1
