@@ -178,7 +178,7 @@ def main() -> int:
         abs(float(final[k]) - float(final_ref[k])) <= 1e-6 for k in final_ref)
 
     rows = [
-        ("run", f"{steps} steps of 2 x {32} users, 2 CPU ranks (gloo), checkpoint every {save_every}"),
+        ("run", f"{steps} steps of 2 x 32 users, 2 CPU ranks (gloo), checkpoint every {save_every}"),
         ("undisturbed run", f"{reference_s / 60:.1f} min"),
         ("run under chaos", f"{chaos_s / 60:.1f} min, exit {chaos.returncode}"),
         ("SIGKILLs", f"{len(kills)} (" + ", ".join(f"rank {r} at {t:.0f} s" for t, r in kills) + ")"),
