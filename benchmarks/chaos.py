@@ -73,7 +73,11 @@ def ranks_of(proc: subprocess.Popen[str]) -> dict[int, psutil.Process]:
     found = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if "train.cli" in " ".join(child.cmdline()) and "RANK" in child.environ():
+            # A rank's DataLoader workers share its command line and environment: ranks are
+            # the train.cli processes whose parent is not one.
+            parent = child.parent()
+            if ("train.cli" in " ".join(child.cmdline()) and "RANK" in child.environ()
+                    and (parent is None or "train.cli" not in " ".join(parent.cmdline()))):
                 found[int(child.environ()["RANK"])] = child
         except psutil.Error:
             pass  # gone between the listing and the look
