@@ -74,10 +74,10 @@ def ranks_of(proc: subprocess.Popen[str]) -> dict[int, psutil.Process]:
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
             # A rank's DataLoader workers share its command line and environment: ranks are
-            # the train.cli processes whose parent is not one.
+            # the train.cli processes whose parent (torchrun's agent) has no RANK.
             parent = child.parent()
             if ("train.cli" in " ".join(child.cmdline()) and "RANK" in child.environ()
-                    and (parent is None or "train.cli" not in " ".join(parent.cmdline()))):
+                    and (parent is None or "RANK" not in parent.environ())):
                 found[int(child.environ()["RANK"])] = child
         except psutil.Error:
             pass  # gone between the listing and the look
