@@ -23,7 +23,7 @@ torchrun_train() {
 
 # torchrun's agent lends its rendezvous store to the workers by default, and keeps it across
 # restarts: a restarted worker can then read the previous attempt's addresses and fail with "Gloo
-# connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712, seen here in 2 of 3
+# connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712, seen here in 3 of 4
 # --max-restarts runs). With this, rank 0 hosts a fresh store on a fresh port at every attempt.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
