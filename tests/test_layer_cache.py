@@ -157,5 +157,6 @@ def test_a_lora_stage_starts_from_the_frozen_stage(tmp_path: Path) -> None:
     learned = rectrain("train", str(write_config(tmp_path, "lora2")), *lora, "train.max_steps=3", cwd=tmp_path)
     assert learned.returncode == 0, learned.stderr[-3000:]
     assert flatten_metrics(json.loads((tmp_path / "lora2" / "metrics.json").read_text())) != first
-    wrong = rectrain("train", str(write_config(tmp_path, "wrong")), *lora[:-1], f"model.init_from={tmp_path / 'nowhere'}", cwd=tmp_path)
+    wrong = rectrain("train", str(write_config(tmp_path, "wrong")), *lora[:-1], f"model.init_from={tmp_path / 'nowhere'}",
+                     cwd=tmp_path)
     assert wrong.returncode == 2 and "model.init_from" in wrong.stderr and "Traceback" not in wrong.stderr

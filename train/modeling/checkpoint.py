@@ -185,14 +185,21 @@ def _heads(encoder: RecEncoder) -> list[tuple[str, Any]]:
                                             ("id_embeddings", encoder.id_embeddings)) if head is not None]
 
 
+def best_or_latest(run_dir: Path) -> Path | None:
+    """A run's best validated checkpoint when it is whole, else its newest whole one (or none)."""
+    best = read_best(run_dir)
+    if best is not None and damage(run_dir / "checkpoints" / best["checkpoint"]) is None:
+        return run_dir / "checkpoints" / best["checkpoint"]
+    return latest(run_dir)
+
+
 def initial(path: Path) -> Path:
     """The checkpoint `model.init_from` names: a checkpoint folder, or a run directory's best
     validated checkpoint, else its newest whole one."""
     if (path / STATE_FILE).is_file():
         return path
-    best = read_best(path) if (path / "checkpoints").is_dir() else None
-    found = path / "checkpoints" / best["checkpoint"] if best else latest(path) if (path / "checkpoints").is_dir() else None
-    if found is None or damage(found) is not None:
+    found = best_or_latest(path)
+    if found is None:
         raise UserError(f"model.init_from: {path} is neither a checkpoint nor a run directory holding a whole one")
     return found
 

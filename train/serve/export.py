@@ -59,13 +59,10 @@ def pick_checkpoint(run_dir: Path, name: str | None) -> Path:
             raise UserError(f"--checkpoint: {name} is not a complete checkpoint of {run_dir}"
                             f"{' (it has ' + ', '.join(found) + ')' if found else ''}")
         return path
-    best = checkpoint.read_best(run_dir)
-    if best is not None and (root / best["checkpoint"] / checkpoint.STATE_FILE).is_file():
-        return root / best["checkpoint"]
-    latest = checkpoint.latest(run_dir)
-    if latest is None:
+    chosen = checkpoint.best_or_latest(run_dir)
+    if chosen is None:
         raise UserError(f"{run_dir}: holds no checkpoint; run rectrain train first")
-    return latest
+    return chosen
 
 
 def load_run_config(run_dir: Path) -> Config:
