@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel
 
+from model import fused_lora
 from model.encoder import RecEncoder
 from model.unpadded import ATTENTION
 from model.user_tower import UserTower
@@ -115,4 +116,7 @@ def _with_lora(backbone: torch.nn.Module, config: ModelConfig, trained_tokens: l
                       trainable_token_indices=list(trained_tokens) or None,
                       layers_to_transform=None if split is None else list(range(split, layers)),
                       layers_pattern=None if split is None else "layers")
-    return get_peft_model(backbone, lora)
+    adapted = get_peft_model(backbone, lora)
+    if config.lora.fused:
+        fused_lora.fuse(adapted)
+    return adapted
