@@ -40,6 +40,7 @@ class RecEncoder(nn.Module):
         self.normalize = normalize
         # model.unpadded: the backbone runs on the batch's real tokens only (model/unpadded.py).
         self.unpadded = is_unpadded(backbone)
+        self.share_prefix = True  # unpadded batches compute their rows' common leading tokens once
         # model.trained_layers: layers below `split` are frozen and their token states cached per
         # item (model/layer_cache.py); None runs the whole backbone from tokens.
         self.split = split
@@ -74,7 +75,7 @@ class RecEncoder(nn.Module):
             last_hidden = run_layers(decoder, lower_states, attention_mask, self.split, len(decoder.layers), True)
         elif self.unpadded:
             assert input_ids is not None
-            last_hidden = unpadded_forward(self.backbone, input_ids, attention_mask)
+            last_hidden = unpadded_forward(self.backbone, input_ids, attention_mask, self.share_prefix)
         else:
             assert input_ids is not None
             last_hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,

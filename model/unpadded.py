@@ -32,16 +32,29 @@ ATTENTION = "rectrain_unpadded"
 
 class PackedLayout:
     """Where a packed batch's tokens sit once laid out as [B, T] (each row right-padded to the
-    longest row), and the causal mask of that layout; built once per forward, read by every layer."""
+    longest row), and the causal mask of that layout; built once per forward, read by every layer.
 
-    def __init__(self, attention_mask: torch.Tensor) -> None:
+    `prefix` leading tokens common to every row are packed once, ahead of the rows' own tokens:
+    a causal decoder's states there depend on those tokens alone, so every row's copy would be
+    the same. Attention still sees them in every row (copied in by `spread`, their gradients
+    summed back by autograd); the linear layers compute them once."""
+
+    def __init__(self, attention_mask: torch.Tensor, prefix: int = 0) -> None:
         lengths = attention_mask.sum(dim=1)
         width = int(lengths.max())
         self.shape = (len(lengths), width)
         steps = torch.arange(width, device=attention_mask.device)
         real = steps[None, :] < lengths[:, None]  # [B, T]
-        # Packed token n sits at flat position where[n]: rows in order, tokens in order.
+        # Real slot (row, t) in row order reads packed token source[...]: t for the shared
+        # prefix, else the row's own tokens, which follow the prefix and the earlier rows'.
+        own = lengths - prefix
+        starts = prefix + own.cumsum(0) - own  # packed index of each row's first own token
+        source = torch.where(steps[None, :] < prefix, steps[None, :], starts[:, None] + steps[None, :] - prefix)
         self.where = real.flatten().nonzero().squeeze(1)
+        self.source = source[real]
+        # Packing back takes the prefix from row 0 (its copies elsewhere are discarded).
+        rows = torch.arange(len(lengths), device=steps.device)[:, None]
+        self.first = self.where[((steps[None, :] >= prefix) | (rows == 0))[real]]
         # A query sees the keys at or before it in its own row: right-aligned rows leave every
         # query at least itself, so no row of the softmax is empty.
         self.mask = real[:, None, None, :] & (steps[None, :] <= steps[:, None])[None, None]
@@ -50,12 +63,13 @@ class PackedLayout:
         """[1, heads, N, d] -> [B, heads, T, d], zeros at padding."""
         batch, width = self.shape
         heads, dim = packed.shape[1], packed.shape[3]
-        laid = packed.new_zeros(batch * width, heads, dim).index_copy(0, self.where, packed[0].transpose(0, 1))
+        tokens = packed[0].transpose(0, 1).index_select(0, self.source)
+        laid = packed.new_zeros(batch * width, heads, dim).index_copy(0, self.where, tokens)
         return laid.view(batch, width, heads, dim).transpose(1, 2)
 
     def pack(self, laid: torch.Tensor) -> torch.Tensor:
         """[B, T, heads, d] (attention's output layout) -> [1, N, heads, d]."""
-        return laid.reshape(-1, *laid.shape[2:]).index_select(0, self.where).unsqueeze(0)
+        return laid.reshape(-1, *laid.shape[2:]).index_select(0, self.first).unsqueeze(0)
 
 
 def unpadded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -88,12 +102,34 @@ def is_unpadded(backbone: nn.Module) -> bool:
     return getattr(getattr(backbone, "config", None), "_attn_implementation", None) == ATTENTION
 
 
-def unpadded_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading real tokens every row of a batch has in common (rows padded on either
+    side): user prompts open with the same instruction."""
+    lengths = attention_mask.sum(dim=1)
+    shortest = int(lengths.min())
+    if len(lengths) < 2 or shortest == 0:
+        return 0
+    first = attention_mask.int().argmax(dim=1)  # the first real token: left padding or none
+    heads = input_ids.gather(1, first[:, None] + torch.arange(shortest, device=input_ids.device)[None, :])
+    return int((heads == heads[:1]).all(dim=0).int().cumprod(dim=0).sum())
+
+
+def unpadded_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     share_prefix: bool = True) -> torch.Tensor:
     """The backbone's last hidden states [B, T, H] in the input's own padded layout (zeros at
-    padding, for the poolers), computed on the real tokens only."""
+    padding, for the poolers), computed on the real tokens only; with `share_prefix`, the
+    rows' common leading tokens once."""
     real = attention_mask.bool()
-    packed = backbone(input_ids=input_ids[real].unsqueeze(0), position_ids=position_ids(attention_mask)[real].unsqueeze(0),
-                      attention_mask=None, use_cache=False, rectrain_layout=PackedLayout(attention_mask)).last_hidden_state[0]
+    prefix = shared_prefix(input_ids, attention_mask) if share_prefix else 0
+    layout = PackedLayout(attention_mask, prefix)
+    # The real tokens in row order, each put at its packed index; the prefix's copies are equal
+    # (same ids, same positions), so whichever lands there is right.
+    count = int(layout.source.max()) + 1
+    ids = input_ids.new_empty(count).index_copy_(0, layout.source, input_ids[real])
+    positions = input_ids.new_empty(count).index_copy_(0, layout.source, position_ids(attention_mask)[real])
+    packed = backbone(input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), attention_mask=None,
+                      use_cache=False, rectrain_layout=layout).last_hidden_state[0]
     batch, width = attention_mask.shape
     flat = real.flatten().nonzero().squeeze(1)
-    return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, packed).view(batch, width, -1)
+    return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, packed.index_select(0, layout.source)).view(
+        batch, width, -1)

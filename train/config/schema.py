@@ -92,6 +92,9 @@ class ModelConfig:
     unpadded: bool = doc(True, "the backbone computes a batch's real tokens only: packed into one row for the "
                                "linear layers, laid out per sequence for attention (with attn_implementation=sdpa; "
                                "the padded forward's figures up to float rounding, at the cost of the real tokens)")
+    shared_prefix: bool = doc(True, "with model.unpadded: the leading tokens every prompt of a batch shares (the "
+                                    "user prompts' instruction) run through the backbone once, their states "
+                                    "shared by every row (exact: a causal decoder's states there see nothing else)")
     trained_layers: int = doc(-1, "-1: LoRA on every layer, items encoded from their tokens at each step; K >= 0 "
                                   "(user_encoder=items): LoRA on the top K layers only, the frozen lower layers' "
                                   "token states computed once per item at start-up and reused by every step and "

@@ -15,6 +15,7 @@ import torch
 
 from model.layer_cache import StateCache
 from model.loss import candidate_columns, distinct_items, next_item_positions
+from model.unpadded import shared_prefix
 from model.rec_model import RecModel
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
@@ -93,7 +94,7 @@ class TrainStep:
         samples = len(batch["item_ids"]) * self.world_size
         masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
         lengths = [mask.sum(dim=1) for mask in masks]
-        tokens = sum(int(length.sum()) for length in lengths) * self.world_size
+        tokens = (sum(int(length.sum()) for length in lengths) - self.shared_tokens(batch)) * self.world_size
         squares = sum(int(length.square().sum()) for length in lengths) * self.world_size
         padded = sum(mask.numel() for mask in masks) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -190,6 +191,14 @@ class TrainStep:
         return objective(embeddings.query, embeddings.item, batch["item_ids"], history_ids=batch["history_ids"],
                          logq=batch["logq"], views=embeddings.views, catalog=self.catalog_embeddings,
                          positions=positions, negatives=negatives)
+
+    def shared_tokens(self, batch: Batch) -> int:
+        """Prompt tokens the backbone does not compute: each text batch's common leading tokens
+        are computed once (model.shared_prefix), not once per row."""
+        if not (self.model.encoder.unpadded and self.model.encoder.share_prefix) or self.items_mode:
+            return 0
+        return sum((len(batch[key]) - 1) * shared_prefix(batch[key], batch[key.replace("input_ids", "attention_mask")])
+                   for key in batch if key.endswith("input_ids"))
 
     def refresh_catalog(self, step: int) -> None:
         """Re-encode every item (no grad, sharded over ranks) for a softmax over the whole catalog.
