@@ -4,9 +4,8 @@ A batch of prompts of different lengths is usually padded to its longest, and ev
 projections and MLP then run on the padding too: with user prompts of 40 to 256 tokens, half
 of the work. Here the batch's real tokens are packed into one row ([1, N]), so the linear layers
 (nearly all of a decoder's FLOPs) see N tokens; only attention needs the sequences apart, and
-`unpadded_attention` lays queries, keys and values back out as [B, T] (right-aligned, padded to
-the batch's longest), runs the usual sdpa kernel with a causal-and-length mask, and packs the
-result again. The outputs equal the padded forward's at every real token (up to the float
+`unpadded_attention` lays queries, keys and values back out as [B, T] (each row from column 0,
+padded to the batch's longest), runs the usual sdpa kernel, causal, and packs the result again. The outputs equal the padded forward's at every real token (up to the float
 rounding of differently shaped matrix products): positions count real tokens only, as in
 `model.pooling.position_ids`.
 
@@ -32,7 +31,7 @@ ATTENTION = "rectrain_unpadded"
 
 class PackedLayout:
     """Where a packed batch's tokens sit once laid out as [B, T] (each row right-padded to the
-    longest row), and the causal mask of that layout; built once per forward, read by every layer.
+    longest row); built once per forward, read by every layer.
 
     `prefix` leading tokens common to every row are packed once, ahead of the rows' own tokens:
     a causal decoder's states there depend on those tokens alone, so every row's copy would be
@@ -55,9 +54,6 @@ class PackedLayout:
         # Packing back takes the prefix from row 0 (its copies elsewhere are discarded).
         rows = torch.arange(len(lengths), device=steps.device)[:, None]
         self.first = self.where[((steps[None, :] >= prefix) | (rows == 0))[real]]
-        # A query sees the keys at or before it in its own row: right-aligned rows leave every
-        # query at least itself, so no row of the softmax is empty.
-        self.mask = real[:, None, None, :] & (steps[None, :] <= steps[:, None])[None, None]
 
     def spread(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, heads, N, d] -> [B, heads, T, d], zeros at padding."""
@@ -81,8 +77,12 @@ def unpadded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    # Rows start at column 0, so the causal mask alone is right for every real query: the keys
+    # at or before it are its row's real tokens. Queries at padding read garbage that `pack`
+    # drops (no gradient reaches it). Without an explicit mask, CUDA's sdpa can take its flash
+    # kernel (a mask rules it out) and no [B, 1, T, T] mask is built; on a CPU the time is the same.
     laid, _ = sdpa_attention_forward(module, layout.spread(query), layout.spread(key), layout.spread(value),
-                                     layout.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+                                     None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
     return layout.pack(laid), None
 
 
