@@ -5,9 +5,11 @@ projections and MLP then run on the padding too: with user prompts of 40 to 256 
 of the work. Here the batch's real tokens are packed into one row ([1, N]), so the linear layers
 (nearly all of a decoder's FLOPs) see N tokens; only attention needs the sequences apart, and
 `unpadded_attention` lays queries, keys and values back out as [B, T] (each row from column 0,
-padded to the batch's longest), runs the usual sdpa kernel, causal, and packs the result again. The outputs equal the padded forward's at every real token (up to the float
-rounding of differently shaped matrix products): positions count real tokens only, as in
-`model.pooling.position_ids`.
+padded to the batch's longest), runs the usual sdpa kernel, causal, and packs the result
+again. The outputs equal the padded forward's at every real token (up to the float rounding of
+differently shaped matrix products): positions count real tokens only, as in
+`model.pooling.position_ids`. Leading tokens that every prompt of the batch shares (the user
+prompts' instruction) are computed once (`shared_prefix`).
 
 The backbone is loaded with `attn_implementation=ATTENTION` (registered here). Called without a
 `rectrain_layout` (a padded batch, generation, an export loaded elsewhere), the function is
@@ -131,5 +133,5 @@ def unpadded_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mas
                       use_cache=False, rectrain_layout=layout).last_hidden_state[0]
     batch, width = attention_mask.shape
     flat = real.flatten().nonzero().squeeze(1)
-    return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, packed.index_select(0, layout.source)).view(
-        batch, width, -1)
+    per_row = packed.index_select(0, layout.source)  # the prefix's states copied to every row
+    return packed.new_zeros(batch * width, packed.shape[-1]).index_copy(0, flat, per_row).view(batch, width, -1)

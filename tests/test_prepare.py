@@ -474,3 +474,28 @@ def test_cold_items_never_reach_training_and_stay_in_evaluation(write_dataset) -
     counts = {row["item_index"]: row["train_count"] for row in pq.read_table(data_dir / "catalog.parquet").to_pylist()}
     assert all(counts[i] == 0 for i in range(8) if cold[i])
     assert any(cold[row["target"]] for row in EXPECTED_TEST + EXPECTED_VALID)  # the held-out users measure them
+
+
+@pytest.mark.parametrize("cold", ["0", "0.25"])
+def test_last_samples_are_each_users_last_training_target(write_dataset, cold: str) -> None:
+    """data.samples=last: one sample per user with two training items or more, the one `every`
+    makes for the user's last training target; splits and counts as with `every`."""
+    dataset = write_dataset()
+    every = _all_samples(dataset["dir"], _prepare(dataset, f"data.cold_items={cold}"))
+    valid, test = (pq.read_table(dataset["dir"] / "splits" / f"{s}.parquet").to_pylist() for s in ("valid", "test"))
+    counts = pq.read_table(dataset["dir"] / "catalog.parquet").column("train_count").to_pylist()
+    assert not stale_reason(load_config(None, [*dataset["overrides"], f"data.cold_items={cold}"]))
+    config = load_config(None, [*dataset["overrides"], f"data.cold_items={cold}", "data.samples=last"])
+    assert "data.samples" in str(stale_reason(config))  # another preparation, and the log says why
+    manifest = _prepare(dataset, f"data.cold_items={cold}", "data.samples=last")
+    last = _all_samples(dataset["dir"], manifest)
+    newest = {}
+    for key, sample in every.items():
+        user, t = sample["user"], int(key.split("t")[1])
+        if user not in newest or t > newest[user][0]:
+            newest[user] = (t, sample["history"], sample["item"])
+    got = {s["user"]: (int(key.split("t")[1]), s["history"], s["item"]) for key, s in last.items()}
+    assert got == newest and len(got) < len(every) and manifest["counts"]["train_samples"] == len(got)
+    assert pq.read_table(dataset["dir"] / "splits" / "valid.parquet").to_pylist() == valid
+    assert pq.read_table(dataset["dir"] / "splits" / "test.parquet").to_pylist() == test
+    assert pq.read_table(dataset["dir"] / "catalog.parquet").column("train_count").to_pylist() == counts

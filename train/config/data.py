@@ -73,6 +73,11 @@ class DataConfig:
                                  "target, never in a training history, kept in evaluation, so the users whose "
                                  "target is one (by_target_count's 0 bucket) measure what the text alone carries")
     max_history: int = doc(20, "most recent items kept as a training sample's history")
+    samples: str = doc("every", "training samples: every (one per training target t >= 1, its history the items "
+                                "before it) | last (one per user, their last training target: with "
+                                "model.user_encoder=items the tower's loss covers every earlier position of it, "
+                                "each once an epoch, as SASRec trains; `every` repeats a user's early positions "
+                                "once per later target)")
     unknown_items: str = doc("drop", "interactions whose item is not in the catalog: drop | fail")
     shard_size: int = doc(10000, "training samples per WebDataset shard")
     num_workers: int = doc(1, "DataLoader worker processes per rank (0 = in the main process)")
@@ -88,6 +93,7 @@ class DataConfig:
         one_of(self.format, "data.format", DATA_FORMATS)
         one_of(self.unknown_items, "data.unknown_items", ("drop", "fail"))
         one_of(self.on_bad_shard, "data.on_bad_shard", ("fail", "skip"))
+        one_of(self.samples, "data.samples", ("every", "last"))
         if self.format != "synthetic":
             check(bool(self.interactions), "data.interactions", f"required when data.format={self.format}")
             check(bool(self.catalog), "data.catalog", f"required when data.format={self.format}")

@@ -76,6 +76,8 @@ def fingerprint(config: Config) -> dict[str, Any]:
         fields["k_core"] = data.k_core
     if data.cold_items:
         fields["cold_items"] = data.cold_items
+    if data.samples != "every":
+        fields["samples"] = data.samples
     return fields
 
 

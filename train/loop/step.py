@@ -15,8 +15,8 @@ import torch
 
 from model.layer_cache import StateCache
 from model.loss import candidate_columns, distinct_items, next_item_positions
-from model.unpadded import shared_prefix
 from model.rec_model import RecModel
+from model.unpadded import shared_prefix
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator

@@ -70,7 +70,8 @@ def _k_core(partitions: list[Partition], n_items: int, k: int) -> tuple[np.ndarr
                         "k_core_items_removed": int(n_items - items_kept.sum())}
 
 
-def _training_samples(partition: Partition, new_index: np.ndarray | None, cold: np.ndarray | None) -> int:
+def _training_samples(partition: Partition, new_index: np.ndarray | None, cold: np.ndarray | None,
+                      last_only: bool) -> int:
     """How many training samples the partition's users make (to number the shuffle before they are made)."""
     if cold is None:
         lengths = partition.user_lengths()
@@ -78,7 +79,7 @@ def _training_samples(partition: Partition, new_index: np.ndarray | None, cold: 
     else:  # which interactions go depends on their order: the sequences are needed
         _, bounds, items = _sequences(partition, new_index)
         n_train = training_part(bounds, items, cold)[2]
-    return int(np.maximum(n_train - 1, 0).sum())
+    return int((n_train >= 2).sum()) if last_only else int(np.maximum(n_train - 1, 0).sum())
 
 
 def cold_items(n_items: int, share: float, seed: int) -> np.ndarray | None:
@@ -102,11 +103,11 @@ def _sequences(partition: Partition, new_index: np.ndarray | None) -> tuple[pa.A
 
 def _split_partition(partition: Partition, new_index: np.ndarray | None, totals: _Totals, buckets: SampleBuckets,
                      split_writers: dict[str, pq.ParquetWriter], max_history: int, samples_at_once: int,
-                     cold: np.ndarray | None) -> None:
+                     cold: np.ndarray | None, last_only: bool) -> None:
     """Group and split one partition: its split rows to `split_writers`, its samples to `buckets`."""
     user_ids, bounds, items = _sequences(partition, new_index)
     samples, train_counts, target_counts, splits, train_items = leave_one_out(
-        user_ids, bounds, items, len(totals.train_counts), first_user=totals.users, cold=cold)
+        user_ids, bounds, items, len(totals.train_counts), first_user=totals.users, cold=cold, last_only=last_only)
     totals.train_counts += train_counts
     totals.target_counts += target_counts
     for split, rows in splits.items():
@@ -169,7 +170,8 @@ def prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bud
     if cold is not None:
         filtered["cold_items"] = int(cold.sum())
         log.info("data.cold_items=%g: %d of %d items held out of training", data.cold_items, int(cold.sum()), n_items)
-    n_samples = sum(_training_samples(partition, new_index, cold) for partition in partitions)
+    last_only = data.samples == "last"
+    n_samples = sum(_training_samples(partition, new_index, cold, last_only) for partition in partitions)
     if not n_samples:
         raise UserError(f"{data.interactions or 'data'}: no user has two training interactions; nothing to train on")
 
@@ -181,7 +183,7 @@ def prepare_into(config: Config, tmp_dir: Path, show_progress: bool, budget: Bud
     try:
         for partition in partitions:
             _split_partition(partition, new_index, totals, buckets, split_writers, data.max_history,
-                             budget.samples_at_once, cold)
+                             budget.samples_at_once, cold, last_only)
     finally:
         for writer in split_writers.values():
             writer.close()

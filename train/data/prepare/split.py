@@ -37,7 +37,7 @@ def training_part(bounds: np.ndarray, items: np.ndarray, cold: np.ndarray | None
 
 
 def leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_items: int, first_user: int = 0,
-                  cold: np.ndarray | None = None
+                  cold: np.ndarray | None = None, last_only: bool = False
                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, pa.Table], np.ndarray]:
     """Leave-one-out over all users at once, with no Python work per user or per sample.
 
@@ -46,7 +46,8 @@ def leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_i
     sequence begins in the returned training items, `ts`: the target's position in it), in the
     order of user then t; each item's count in training sequences and as a training target; the
     valid and test split tables; and the training items (users' training sequences end to end,
-    `cold` items left out of them; the splits keep every item).
+    `cold` items left out of them; the splits keep every item). `last_only` (data.samples=last):
+    one sample per user, their last training target.
     """
     lengths = np.diff(bounds)
     user_starts = bounds[:-1]
@@ -60,7 +61,8 @@ def leave_one_out(user_ids: pa.Array, bounds: np.ndarray, items: np.ndarray, n_i
     is_target = train_position >= 1  # every training position t >= 1 is a sample
     train_counts = np.bincount(train_items, minlength=n_items)
     target_counts = np.bincount(train_items[is_target], minlength=n_items)
-    sample_at = np.flatnonzero(is_target)
+    sample_at = np.flatnonzero(is_target & (train_position == train_lengths[train_users] - 1) if last_only
+                               else is_target)
     samples = {"users": first_user + train_users[sample_at], "starts": train_starts[train_users[sample_at]],
                "ts": train_position[sample_at]}
     split_users = np.flatnonzero(held_out)
