@@ -47,7 +47,7 @@ class LoraSettings:
     modules_to_save: list[str] = doc([], "modules trained in full besides the adapters (e.g. embed_tokens)")
     fused: bool = doc(True, "compute each adapted linear layer (frozen base + adapter) as one autograd node with "
                             "the adapter's products in BLAS-friendly shapes (model/fused_lora.py; equal to peft's "
-                            "up to rounding, about a sixth off a CPU LoRA step); false: peft's modules as they are")
+                            "up to rounding; 1.16x on a SmolLM2-shaped CPU LoRA step); false: peft's modules")
 
     def __post_init__(self) -> None:
         check(self.r >= 1, "model.lora.r", "must be >= 1")
