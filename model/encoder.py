@@ -23,7 +23,7 @@ class RecEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
                  user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True,
-                 split: int | None = None, num_items: int = 0) -> None:
+                 split: int | None = None, num_items: int = 0, share_prefix: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
@@ -40,7 +40,8 @@ class RecEncoder(nn.Module):
         self.normalize = normalize
         # model.unpadded: the backbone runs on the batch's real tokens only (model/unpadded.py).
         self.unpadded = is_unpadded(backbone)
-        self.share_prefix = True  # unpadded batches compute their rows' common leading tokens once
+        # model.shared_prefix: unpadded batches compute their rows' common leading tokens once.
+        self.share_prefix = share_prefix
         # model.trained_layers: layers below `split` are frozen and their token states cached per
         # item (model/layer_cache.py); None runs the whole backbone from tokens.
         self.split = split

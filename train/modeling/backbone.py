@@ -93,10 +93,9 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                           config.projection_dim or hidden, config.user_tower_dropout)
     try:
         encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
-                             config.normalize, split, num_items if config.id_embeddings else 0)
+                             config.normalize, split, num_items if config.id_embeddings else 0, config.shared_prefix)
     except ValueError as err:
         raise UserError(f"model.trained_layers: {err}") from None
-    encoder.share_prefix = config.shared_prefix
     for head in (encoder.projection, encoder.user_projection, encoder.user_tower, encoder.id_embeddings):
         if head is not None:
             head.to(DTYPES[config.dtype])

@@ -73,7 +73,7 @@ class Recommender:
                                            eos_token_id=None), model.projection_dim or hidden, 0.0)
             tower.load_state_dict(load_file(str(root / "user_tower" / "model.safetensors")))
         self.encoder = RecEncoder(backbone, hidden, model.pooling, model.projection_dim, model.user_projection, tower,
-                                  model.normalize)
+                                  model.normalize, share_prefix=model.shared_prefix)
         heads = root / "model" / HEADS_FILE
         if heads.is_file():
             self.encoder.load_state_dict(load_file(str(heads)), strict=False)
