@@ -36,10 +36,10 @@ def test_a_checkpoint_from_before_the_move_evaluates_and_resumes_the_same(tmp_pa
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / variant, run, ignore=shutil.ignore_patterns("expected.json"))
     paths = [f"output_dir={run}", f"data.dir={tmp_path / 'data'}"]  # the synthetic data is re-made from its seed
-    # The fixture's figures come from peft's LoRA modules and full prompts: on these tiny runs a
-    # rounding difference flips a rank. The fused node and the shared prefix are checked against
-    # those paths in test_fused_lora.py and test_unpadded.py.
-    paths += ["model.lora.fused=false", "model.shared_prefix=false"]
+    # The fixture's figures come from peft's LoRA modules, transformers' norms and full prompts: on
+    # these tiny runs a rounding difference flips a rank. The fused nodes and the shared prefix are
+    # checked against those paths in test_fused_lora.py, test_fused_norm.py and test_unpadded.py.
+    paths += ["model.lora.fused=false", "model.shared_prefix=false", "model.fused_norm=false"]
 
     evaluated = rectrain("eval", str(run / "config.yaml"), *paths, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

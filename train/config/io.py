@@ -159,8 +159,8 @@ RUN_SETTINGS = ("output_dir", "resume", "device", "engine", "overwrite", "train.
                 "train.save_every", "train.eval_every", "train.keep_last", "train.collective_timeout",
                 "train.max_bad_steps", "train.grad_cache_chunk", "train.report_to", "train.compile", "train.precision",
                 "model.gradient_checkpointing", "model.attn_implementation", "model.unpadded", "model.shared_prefix",
-                "model.lora.fused", "data.dir", "data.shards", "data.num_workers", "data.on_bad_shard", "eval.",
-                "deepspeed.")
+                "model.lora.fused", "model.fused_norm", "data.dir", "data.shards", "data.num_workers",
+                "data.on_bad_shard", "eval.", "deepspeed.")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel
 
-from model import fused_lora
+from model import fused_lora, fused_norm
 from model.encoder import RecEncoder
 from model.unpadded import ATTENTION
 from model.user_tower import UserTower
@@ -64,6 +64,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
         backbone = load_backbone(config, vocab_size, pad_token_id)
     except ImportError as err:  # flash_attention_2 without the flash-attn package, and the like
         raise UserError(f"model.attn_implementation: {str(err).splitlines()[0]}") from None
+    if config.fused_norm:
+        fused_norm.fuse(backbone)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights although the frozen
         # embeddings' outputs do not require grad.
