@@ -38,7 +38,12 @@ What makes it fair:
 - the same threads (torch.set_num_threads(--threads) in each process), each system in a fresh
   process per repeat, repeats interleaved (run 1 of every system, then run 2, ...) so a noisy
   neighbour on a shared machine hits all systems alike. samples/s: timed samples over the
-  timed steps' wall time after --warmup steps; the median over the repeats.
+  timed steps' wall time after --warmup steps; the median over the repeats;
+- steady state for everyone: a process's memory grows to its high-water mark over its first
+  steps, and each page the OS hands over costs a fault (on this VM a SmolLM2 step's first
+  million faults cost about 5 s of a 20 s step). A padded peer's batches all have one shape
+  ([16, 256] users) and settle after one step; rectrain's packed batches change size every step
+  and settle over about three. So SmolLM2 warms up 3 steps (debug: 3 as well).
 
 Left unequal: rectrain truncates a long history from its oldest item (keeping the instruction),
 the peers from the end; rectrain pads left (with position ids), the peers right; rectrain's
@@ -68,7 +73,7 @@ BACKBONES = {  # config, overrides, default warm-up and timed steps
     # Users cut at --user-tokens (128 keeps a step near 9 s on 2 quiet cores; users hold 50 items).
     "smollm2": ("configs/office-llm.yaml", ["model.trained_layers=-1", "model.id_embeddings=false",
                                             "model.normalize=true", "loss.temperature=0.05", "loss.negatives=batch",
-                                            "train.batch_size=16"], 1, 3),
+                                            "train.batch_size=16"], 3, 3),
 }
 # `rectrain padded`: model.unpadded=false, what its unpadded batches save.
 SYSTEMS = ["rectrain", "rectrain padded", "st MNRL", "st CachedMNRL", "plain loop"]
@@ -315,7 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", choices=["debug", "smollm2", "both"], default="both")
     parser.add_argument("--steps", type=int, help="timed steps per run (default: debug 20, smollm2 3)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: debug 3, smollm2 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default: 3)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per system, each a fresh process")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every system")
     parser.add_argument("--pipeline-seconds", type=float, default=3.0, help="timed seconds per loader setting")
