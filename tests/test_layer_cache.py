@@ -163,3 +163,35 @@ def test_a_lora_stage_starts_from_the_frozen_stage(tmp_path: Path) -> None:
     wrong = rectrain("train", str(write_config(tmp_path, "wrong")), *lora[:-1], f"model.init_from={tmp_path / 'nowhere'}",
                      cwd=tmp_path)
     assert wrong.returncode == 2 and "model.init_from" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+# model.train_heads=false: the LoRA stage moves the LLM alone; the heads stay as the frozen stage left them.
+def test_a_lora_stage_can_train_the_adapters_alone(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from test_cli import rectrain, write_config
+    from train.modeling.checkpoint import HEAD_FILE, TOWER_FILE
+
+    frozen = ["model.user_encoder=items", "model.trained_layers=0", "model.id_embeddings=true", "train.max_steps=2"]
+    done = rectrain("train", str(write_config(tmp_path, "frozen")), *frozen, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lora = ["model.user_encoder=items", "model.trained_layers=1", "model.id_embeddings=true",
+            f"model.init_from={tmp_path / 'frozen'}", "train.max_steps=3"]
+    checkpoints = {}
+    for name, heads in (("alone", "false"), ("all", "true")):
+        run = rectrain("train", str(write_config(tmp_path, name)), *lora, f"model.train_heads={heads}", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert ("only the LoRA adapters train" in run.stderr) == (heads == "false")
+        checkpoints[name] = tmp_path / name / "checkpoints" / "step-3"
+    start = tmp_path / "frozen" / "checkpoints" / "step-2"
+    for file in (HEAD_FILE, TOWER_FILE):
+        before, alone, both = (load_file(str(c / file)) for c in (start, checkpoints["alone"], checkpoints["all"]))
+        assert before.keys() == alone.keys() and all(torch.equal(before[k], alone[k]) for k in before)
+        assert any(not torch.equal(before[k], both[k]) for k in before)  # without the switch they move
+    adapter = load_file(str(checkpoints["alone"] / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and bool(v.abs().max() > 0) for k, v in adapter.items())  # the adapter learned
+    for wrong, said in ((["model.init_from="], "set model.init_from"),
+                        (["model.trained_layers=0"], "leaves nothing to train")):
+        bad = rectrain("train", str(write_config(tmp_path, "bad")), *lora, "model.train_heads=false", *wrong,
+                       cwd=tmp_path)
+        assert bad.returncode == 2 and said in bad.stderr and "Traceback" not in bad.stderr

@@ -111,6 +111,10 @@ class ModelConfig:
                              "optimizer or the step). A LoRA stage (trained_layers >= 1) started from a frozen "
                              "stage's run (trained_layers=0) gets a new adapter at zero: it starts from exactly that "
                              "run's model. resume takes precedence")
+    train_heads: bool = doc(True, "false (with model.init_from): the projection, user tower and id table keep the "
+                                  "weights init_from loads, and only the LoRA adapters train: a LoRA stage that moves "
+                                  "the LLM alone from the first stage's model (a new learning-rate schedule would "
+                                  "otherwise move the trained heads off it too)")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings")
 
     def __post_init__(self) -> None:
@@ -133,6 +137,10 @@ class ModelConfig:
         check(not self.id_embeddings or self.user_encoder == "items", "model.id_embeddings",
               "needs model.user_encoder=items (with text users, model.item_tokens gives items an id of their own)")
         check(self.trained_layers >= -1, "model.trained_layers", "must be -1 (all) or >= 0")
+        check(self.train_heads or bool(self.init_from), "model.train_heads",
+              "false keeps the heads as model.init_from loads them: set model.init_from")
+        check(self.train_heads or self.trained_layers != 0, "model.train_heads",
+              "false with model.trained_layers=0 leaves nothing to train")
         if self.trained_layers >= 0:
             # A user prompt is new text at every step: only items have states worth keeping.
             check(self.user_encoder == "items", "model.trained_layers", "needs model.user_encoder=items")
