@@ -52,6 +52,12 @@ class RecEncoder(nn.Module):
             check_splittable(decoder_of(backbone))
             self.frozen = split == len(decoder_of(backbone).layers)
 
+    def heads(self) -> list[nn.Module]:
+        """The trained modules beside the backbone that this encoder has: projections, user
+        tower, id table."""
+        return [head for head in (self.projection, self.user_projection, self.user_tower, self.id_embeddings)
+                if head is not None]
+
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None,
                 lower_states: torch.Tensor | None = None,

@@ -91,10 +91,8 @@ class Trainer:
             checkpoint.load_weights(start, self.encoder, start=True)
             log.info("weights from %s (model.init_from)", start)
         if not self.config.model.train_heads:
-            encoder = self.encoder
-            for head in (encoder.projection, encoder.user_projection, encoder.user_tower, encoder.id_embeddings):
-                if head is not None:
-                    head.requires_grad_(False)
+            for head in self.encoder.heads():
+                head.requires_grad_(False)
             log.info("only the LoRA adapters train (model.train_heads=false)")
         if self.config.train.compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.

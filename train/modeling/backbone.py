@@ -98,9 +98,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                              config.normalize, split, num_items if config.id_embeddings else 0, config.shared_prefix)
     except ValueError as err:
         raise UserError(f"model.trained_layers: {err}") from None
-    for head in (encoder.projection, encoder.user_projection, encoder.user_tower, encoder.id_embeddings):
-        if head is not None:
-            head.to(DTYPES[config.dtype])
+    for head in encoder.heads():
+        head.to(DTYPES[config.dtype])
     return encoder
 
 
