@@ -50,17 +50,8 @@ def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, devi
     split = split or config.eval.split
     rows = load_split(config.data.dir, split)
     ks = config.eval.k
-    if catalog_tokens is None:
-        catalog_tokens = collator.item_tokens(range(len(collator.catalog)))
-    with eval_mode(encoder):
-        items = encode_sharded(encoder, collator, catalog_tokens, config.eval.batch_size, device, "encode catalog",
-                               show_progress, cache=cache)
-        histories = [h[-config.data.max_history:] for h in rows["history"]]
-        if encoder.user_tower is not None:
-            users = encode_item_sequences(encoder, items, histories, config.eval.batch_size, device)
-        else:
-            users = encode_sharded(encoder, collator, collator.user_tokens(histories), config.eval.batch_size, device,
-                                   "encode users", show_progress, user=True)
+    users, items = embed_users_and_items(encoder, collator, config, device, rows["history"], catalog_tokens,
+                                         show_progress, cache)
     targets = torch.tensor(rows["target"], dtype=torch.long)
     metrics: dict[str, Any] = {"split": split, "users": len(targets)}
     settings = config.eval.transitions
@@ -85,6 +76,26 @@ def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, devi
     metrics["popularity"] = popular
     barrier()
     return metrics
+
+
+def embed_users_and_items(encoder: RecEncoder, collator: PromptCollator, config: Config, device: torch.device,
+                          histories: list[list[int]], catalog_tokens: list[list[int]] | None = None,
+                          show_progress: bool = True, cache: StateCache | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user embeddings [U, D], every catalog item's [N, D]) as ranking scores them: each user
+    from the last data.max_history items of their history. Every process must call it."""
+    if catalog_tokens is None:
+        catalog_tokens = collator.item_tokens(range(len(collator.catalog)))
+    with eval_mode(encoder):
+        items = encode_sharded(encoder, collator, catalog_tokens, config.eval.batch_size, device, "encode catalog",
+                               show_progress, cache=cache)
+        histories = [h[-config.data.max_history:] for h in histories]
+        if encoder.user_tower is not None:
+            users = encode_item_sequences(encoder, items, histories, config.eval.batch_size, device)
+        else:
+            users = encode_sharded(encoder, collator, collator.user_tokens(histories), config.eval.batch_size, device,
+                                   "encode users", show_progress, user=True)
+    return users, items
 
 
 def target_buckets(train_counts: torch.Tensor, targets: torch.Tensor, edges: list[int]
