@@ -1,10 +1,12 @@
 """Is run B better than run A? Both ranked on the same users and targets, compared user by user.
 
-    python benchmarks/paired.py RUN_A RUN_B [--split test] [--k 10] [--resamples 10000] [--seed 0]
+    python benchmarks/paired.py RUN_A RUN_B [RUN_A2 RUN_B2 ...] [--split test] [--k 10] [--resamples 10000]
 
 Each run directory is re-encoded with its best validated checkpoint (else its newest), by its
 own config.yaml, and ranks the full catalog for every user of the split. The two runs must share
-the split (the same data.dir, or at least the same users and targets). Printed, for all users
+the split (the same data.dir, or at least the same users and targets). More pairs (A2 against
+B2 on their own split: another seed's held-out items, say) pool their users into one comparison,
+each user still compared with themselves. Printed, for all users
 and for each bucket of how often the target occurs in training (eval.target_buckets; with
 data.cold_items the "0" bucket is what the text alone carries), with the history kept and
 excluded: NDCG@k of A and of B, the mean paired difference B - A, its 95% bootstrap interval
@@ -79,6 +81,15 @@ def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
     return Ranked(path, targets, ndcg_at(torch.cat(kept), k), ndcg_at(torch.cat(excluded), k), buckets, names)
 
 
+def pool(runs: list[Ranked]) -> Ranked:
+    """Several runs' users as one population (their buckets share names)."""
+    if len(runs) == 1:
+        return runs[0]
+    buckets = None if runs[0].buckets is None else torch.cat([run.buckets for run in runs])  # type: ignore[misc]
+    return Ranked(runs[0].checkpoint, torch.cat([run.targets for run in runs]), torch.cat([run.kept for run in runs]),
+                  torch.cat([run.excluded for run in runs]), buckets, runs[0].names)
+
+
 def paired(a: torch.Tensor, b: torch.Tensor, resamples: int, generator: torch.Generator) -> dict[str, float]:
     """Means of a and b, the mean of b - a with its 95% bootstrap interval over users, the share
     of resamples where b's mean is above a's, and the per-user wins, losses and ties."""
@@ -93,8 +104,7 @@ def paired(a: torch.Tensor, b: torch.Tensor, resamples: int, generator: torch.Ge
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="RUN_A RUN_B, then optionally more pairs to pool")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--resamples", type=int, default=10000)
@@ -102,17 +112,27 @@ def main() -> None:
     args = parser.parse_args()
     from train.errors import UserError
 
+    if len(args.runs) % 2:
+        sys.exit("paired.py: give runs in pairs: RUN_A RUN_B [RUN_A2 RUN_B2 ...]")
+    pairs = []
     try:
-        a, b = (rank_run(run, args.split, args.k) for run in (args.run_a, args.run_b))
-        if not torch.equal(a.targets, b.targets):
-            raise UserError(f"{args.run_a} and {args.run_b} rank different {args.split} targets: compare runs "
-                            "over the same prepared split")
+        for run_a, run_b in zip(args.runs[::2], args.runs[1::2]):
+            pair = rank_run(run_a, args.split, args.k), rank_run(run_b, args.split, args.k)
+            if not torch.equal(pair[0].targets, pair[1].targets):
+                raise UserError(f"{run_a} and {run_b} rank different {args.split} targets: compare runs over the "
+                                "same prepared split")
+            if pair[0].names != pair[1].names:
+                raise UserError(f"{run_a} and {run_b} bucket targets differently (eval.target_buckets)")
+            pairs.append(pair)
     except UserError as error:
         sys.exit(f"paired.py: {error}")
     print(f"command: (cd {ROOT.name} && python benchmarks/paired.py "
-          f"{' '.join(shlex.quote(str(v)) for v in (args.run_a, args.run_b))} --split {args.split} --k {args.k} "
+          f"{' '.join(shlex.quote(str(run)) for run in args.runs)} --split {args.split} --k {args.k} "
           f"--resamples {args.resamples} --seed {args.seed})")
-    print(f"A: {a.checkpoint}\nB: {b.checkpoint}\n{args.split} split, NDCG@{args.k}, {len(a.targets)} users")
+    for a_run, b_run in pairs:
+        print(f"A: {a_run.checkpoint}  B: {b_run.checkpoint}  ({len(a_run.targets)} users)")
+    a, b = pool([a_run for a_run, _ in pairs]), pool([b_run for _, b_run in pairs])
+    print(f"{args.split} split, NDCG@{args.k}, {len(a.targets)} users")
     groups = [("all", torch.ones(len(a.targets), dtype=torch.bool))]
     if a.buckets is not None:
         groups += [(f"target seen {name}x", a.buckets == index) for index, name in enumerate(a.names)]
