@@ -5,11 +5,10 @@
 Each run directory is re-encoded with its best validated checkpoint (else its newest), by its
 own config.yaml, and ranks the full catalog for every user of the split. The two runs must share
 the split (the same data.dir, or at least the same users and targets). More pairs (A2 against
-B2 on their own split: another seed's held-out items, say) pool their users into one comparison,
-each user still compared with themselves. Printed, for all users
-and for each bucket of how often the target occurs in training (eval.target_buckets; with
-data.cold_items the "0" bucket is what the text alone carries), with the history kept and
-excluded: NDCG@k of A and of B, the mean paired difference B - A, its 95% bootstrap interval
+B2 on their own split: another seed's held-out items, say) pool their users into one
+comparison, each user still compared with themselves. Printed, for all users and for each
+bucket of how often the target occurs in training (eval.target_buckets; with data.cold_items
+the "0" bucket is what the text alone carries), with the history kept and excluded: NDCG@k of A and of B, the mean paired difference B - A, its 95% bootstrap interval
 (users resampled with replacement, each carrying both runs' figures), the share of resamples in
 which B wins, and how many users B ranks better, worse and the same.
 
@@ -94,8 +93,8 @@ def paired(a: torch.Tensor, b: torch.Tensor, resamples: int, generator: torch.Ge
     """Means of a and b, the mean of b - a with its 95% bootstrap interval over users, the share
     of resamples where b's mean is above a's, and the per-user wins, losses and ties."""
     diff = b - a
-    picks = torch.randint(len(diff), (resamples, len(diff)), generator=generator)
-    means = diff[picks].mean(dim=1)
+    means = torch.cat([diff[torch.randint(len(diff), (min(1000, resamples - done), len(diff)), generator=generator)]
+                       .mean(dim=1) for done in range(0, resamples, 1000)])  # 1,000 resamples in memory at a time
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(diff.mean()), "low": low, "high": high,
             "b_wins": float((means > 0).double().mean()), "better": int((diff > 0).sum()),
