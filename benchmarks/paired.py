@@ -41,18 +41,13 @@ class Ranked:
     names: list[str]
 
 
-def ndcg_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    ranks = ranks.double()
-    return (ranks < k) / torch.log2(ranks + 2)
-
-
 def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
     from train.config.io import load_config
     from train.data.layout import load_split
     from train.distributed import from_environment
     from train.errors import UserError
     from train.evaluation.evaluate import Evaluator, embed_users_and_items, target_buckets
-    from train.evaluation.ranking import target_ranks
+    from train.evaluation.ranking import ndcg_at, target_ranks
     from train.modeling import checkpoint
     from train.modeling.build import build_model, load_inputs
 

@@ -33,6 +33,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[
     return _beats(scores, target_scores[:, None], index[None, :], targets[:, None]).sum(dim=1)
 
 
+def ndcg_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Each user's NDCG@k from the 0-based rank of their one held-out item."""
+    ranks = ranks.double()
+    return (ranks < k) / torch.log2(ranks + 2)
+
+
 def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     """Per-metric sums over users (divide by the user count for the means)."""
     out: dict[str, float] = {}
@@ -41,7 +47,7 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
         hit = ranks < k
         out[f"recall@{k}"] = float(hit.sum())
         out[f"hr@{k}"] = out[f"recall@{k}"]  # one held-out item per user: a hit is full recall
-        out[f"ndcg@{k}"] = float((hit / torch.log2(ranks + 2)).sum())
+        out[f"ndcg@{k}"] = float(ndcg_at(ranks, k).sum())
         out[f"mrr@{k}"] = float((hit / (ranks + 1)).sum())
     return out
 
