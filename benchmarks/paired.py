@@ -12,6 +12,10 @@ the "0" bucket is what the text alone carries), with the history kept and exclud
 (users resampled with replacement, each carrying both runs' figures), the share of resamples in
 which B wins, and how many users B ranks better, worse and the same.
 
+With --untrained-a RECENT, A is RUN_A's backbone with nothing trained (each item its frozen
+pooled state, each user the mean of their last RECENT items, cosine scores): does training on
+the log beat the off-the-shelf LLM embedding, user by user?
+
 Why paired: two runs' means over ~500 users differ by about 0.005 from the seed alone, but most
 of that is which users happen to be easy; the same users' differences cancel it.
 """
@@ -75,6 +79,37 @@ def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
     return Ranked(path, targets, ndcg_at(torch.cat(kept), k), ndcg_at(torch.cat(excluded), k), buckets, names)
 
 
+def rank_untrained(run_dir: Path, split: str, k: int, recent: int) -> Ranked:
+    """The off-the-shelf baseline of run_dir's backbone, nothing trained: each item its frozen
+    pooled state (the run's backbone, pooling and item prompts), each user the mean of their
+    last `recent` items' unit vectors, cosine scores (the issue's "frozen LLM, no training" row)."""
+    from train.config.io import load_config
+    from train.data.layout import load_split
+    from train.distributed import from_environment
+    from train.errors import UserError
+    from train.evaluation.evaluate import Evaluator, target_buckets
+    from train.evaluation.ranking import ndcg_at, target_ranks
+    from train.modeling.build import build_model, load_inputs
+
+    config = load_config(run_dir / "config.yaml", ["model.trained_layers=0", "model.init_from="])
+    dist_state = from_environment(config.device)
+    inputs = load_inputs(config, dist_state)
+    model = build_model(config, inputs, dist_state.device)
+    cache = Evaluator(config, inputs.collator, dist_state.device, True).state_cache(model.encoder)
+    if cache is None or not bool((cache.lengths == 1).all()):
+        raise UserError(f"{run_dir}: --untrained-a needs a pretrained backbone (model.name_or_path)")
+    items = torch.nn.functional.normalize(cache.states.float(), dim=-1)
+    rows = load_split(config.data.dir, split)
+    users = torch.stack([items[torch.tensor(history[-recent:])].mean(dim=0) for history in rows["history"]])
+    targets = torch.tensor(rows["target"], dtype=torch.long)
+    scores = users @ items.T
+    kept, excluded = target_ranks(scores, targets), target_ranks(scores, targets, rows["history"])
+    grouped = target_buckets(inputs.collator.catalog.train_counts(), targets, config.eval.target_buckets)
+    buckets, names = grouped if grouped is not None else (None, [])
+    return Ranked(Path(f"{run_dir} (untrained backbone, user = mean of last {recent})"), targets, ndcg_at(kept, k),
+                  ndcg_at(excluded, k), buckets, names)
+
+
 def pool(runs: list[Ranked]) -> Ranked:
     """Several runs' users as one population (their buckets share names)."""
     if len(runs) == 1:
@@ -103,6 +138,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--resamples", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap's draws")
+    parser.add_argument("--untrained-a", type=int, default=0, metavar="RECENT",
+                        help="A is RUN_A's backbone with nothing trained: items its frozen pooled states, a user "
+                             "the mean of their last RECENT items, cosine scores; 0 = A is RUN_A as trained")
     args = parser.parse_args()
     from train.errors import UserError
 
@@ -111,7 +149,9 @@ def main() -> None:
     pairs = []
     try:
         for run_a, run_b in zip(args.runs[::2], args.runs[1::2]):
-            pair = rank_run(run_a, args.split, args.k), rank_run(run_b, args.split, args.k)
+            first = (rank_untrained(run_a, args.split, args.k, args.untrained_a) if args.untrained_a
+                     else rank_run(run_a, args.split, args.k))
+            pair = first, rank_run(run_b, args.split, args.k)
             if not torch.equal(pair[0].targets, pair[1].targets):
                 raise UserError(f"{run_a} and {run_b} rank different {args.split} targets: compare runs over the "
                                 "same prepared split")
@@ -122,7 +162,8 @@ def main() -> None:
         sys.exit(f"paired.py: {error}")
     print(f"command: (cd {ROOT.name} && python benchmarks/paired.py "
           f"{' '.join(shlex.quote(str(run)) for run in args.runs)} --split {args.split} --k {args.k} "
-          f"--resamples {args.resamples} --seed {args.seed})")
+          f"--resamples {args.resamples} --seed {args.seed}"
+          f"{f' --untrained-a {args.untrained_a}' if args.untrained_a else ''})")
     for a_run, b_run in pairs:
         print(f"A: {a_run.checkpoint}  B: {b_run.checkpoint}  ({len(a_run.targets)} users)")
     a, b = pool([a_run for a_run, _ in pairs]), pool([b_run for _, b_run in pairs])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -28,7 +29,7 @@ import pytest
 from train.config.io import load_config
 from train.errors import UserError
 from train.data.layout import is_prepared, stale_reason
-from train.data.prepare.run import exclusive, prepare
+from train.data.prepare.run import ensure_prepared, exclusive, prepare
 
 
 EXPECTED_VALID = [
@@ -218,6 +219,31 @@ def test_stale_reason_says_why_to_prepare_again(write_dataset) -> None:
     manifest["fingerprint"]["schema_version"] = 1
     path.write_text(json.dumps(manifest))
     assert stale_reason(config) == "prepared with schema 1, now 2"
+
+
+def test_a_copy_of_the_same_data_is_not_prepared_again(write_dataset) -> None:
+    """The same bytes under a new mtime (data copied to a new node) keep the prepared directory,
+    other bytes of the same size do not, and a re-prepare keeps the frozen states: they are
+    named by a digest of what they depend on, so an old file is right or never read."""
+    dataset = write_dataset("csv")
+    config = load_config(None, dataset["overrides"])
+    _prepare(dataset)
+    kept = dataset["dir"] / "frozen-states" / "0123.safetensors"
+    kept.parent.mkdir()
+    kept.write_bytes(b"states")
+    inter = dataset["interactions"]
+    later = inter.stat().st_mtime + 3600
+    os.utime(inter, (later, later))
+    assert stale_reason(config) is None
+    ensure_prepared(config)  # records the new stamp: later runs need not hash the file
+    manifest = json.loads((dataset["dir"] / "manifest.json").read_text())
+    assert manifest["fingerprint"]["files"]["interactions"]["mtime"] == later
+    assert stale_reason(config) is None and kept.read_bytes() == b"states"
+    inter.write_text(inter.read_text().replace("u2,a1,200", "u2,a1,201"))  # same size, another log
+    assert stale_reason(config) == "prepared from other settings (the data.interactions file changed)"
+    ensure_prepared(config)
+    assert stale_reason(config) is None
+    assert kept.read_bytes() == b"states"
 
 
 def test_prepare_leaves_only_the_data_dir(write_dataset) -> None:

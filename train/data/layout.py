@@ -5,12 +5,15 @@ fingerprint of the settings it was prepared from (and why it is stale), and its 
               catalog.parquet                item_index, item_id, text fields, train_count
               splits/{valid,test}.parquet    user_index, user_id, history, target (SPLIT_SCHEMA)
               manifest.json                  counts, filters, shards, fingerprint, file hashes
+              frozen-states/                 a pretrained backbone's states per catalog item (written
+                                             by train.evaluation.frozen_store, kept across re-prepares)
 
 prepare writes it (train/data/prepare/), everything else reads it through this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +46,10 @@ class Layout:
     @property
     def splits(self) -> Path:
         return self.root / "splits"
+
+    @property
+    def frozen_states(self) -> Path:
+        return self.root / "frozen-states"
 
     def split(self, name: str) -> Path:
         return self.splits / f"{name}.parquet"
@@ -115,11 +122,55 @@ def stale_reason(config: Config) -> str | None:
         return "not prepared yet"
     old = manifest.get("fingerprint") or {}
     new = json.loads(json.dumps(fingerprint(config)))  # as the manifest holds it (tuples as lists)
-    if old == new:
+    if old == new or _same_bytes_elsewhen(manifest, old, new, config):
         return None
     if old.get("schema_version") != SCHEMA_VERSION:
         return f"prepared with schema {old.get('schema_version', manifest.get('schema_version'))}, now {SCHEMA_VERSION}"
     return f"prepared from other settings ({', '.join(_changed_settings(old, new))} changed)"
+
+
+def input_digests(config: Config) -> dict[str, str] | None:
+    """sha256 of the interactions and catalog files; None when either is not one regular file
+    (a datasets folder, a synthetic log): those are judged by their stamp alone."""
+    paths = {"interactions": Path(config.data.interactions), "catalog": Path(config.data.catalog)}
+    if config.data.format == "synthetic" or not all(path.is_file() for path in paths.values()):
+        return None
+    return {role: file_sha256(path) for role, path in paths.items()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_bytes_elsewhen(manifest: dict[str, Any], old: dict[str, Any], new: dict[str, Any], config: Config) -> bool:
+    """Whether only the input files' mtimes differ and their contents are what was prepared: a
+    copy of the same data (a new node, a re-synced share) must not cost a re-prepare, nor the
+    frozen states a re-prepare would leave to recompute."""
+    def unstamped(fields: dict[str, Any]) -> dict[str, Any]:
+        files = {role: {k: v for k, v in (stamp or {}).items() if k != "mtime"}
+                 for role, stamp in (fields.get("files") or {}).items()}
+        return {**fields, "files": files}
+
+    recorded = manifest.get("input_sha256")
+    return bool(recorded) and unstamped(old) == unstamped(new) and recorded == input_digests(config)
+
+
+def refresh_stamps(config: Config) -> None:
+    """Record the input files' current mtimes in the manifest when their contents are unchanged
+    (stale_reason said so), so that later runs skip hashing them; written atomically."""
+    manifest = read_manifest(config.data.dir)
+    new = json.loads(json.dumps(fingerprint(config)))
+    if manifest is None or manifest.get("fingerprint") == new:
+        return
+    manifest["fingerprint"] = new
+    path = Layout(Path(config.data.dir)).manifest
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(manifest, indent=2))
+    staging.replace(path)
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -7,7 +7,8 @@ recipes over the same backbone and catalog pays it once. The file sits in the pr
 directory, named by a hash of everything the states depend on: the backbone (its name and GGUF
 file, or, for a random one, its architecture and seed), the layer split and pooling, the
 precision, and every item's token ids. Anything else changes the name, so a stale file is never
-read; it is written under a temporary name and renamed."""
+read (which is why a re-prepare of the directory keeps the folder); it is written under a
+temporary name and renamed."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from model.layer_cache import StateCache
 from train.config.schema import Config
+from train.data.layout import Layout
 from train.distributed import any_process
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def store_path(config: Config, split: int, frozen: bool, token_lists: list[list[
                 "dtype": model.dtype, "attention": model.attn_implementation}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     digest.update(json.dumps(token_lists).encode())
-    return Path(config.data.dir) / "frozen-states" / f"{digest.hexdigest()[:24]}.safetensors"
+    return Layout(Path(config.data.dir)).frozen_states / f"{digest.hexdigest()[:24]}.safetensors"
 
 
 def load(path: Path) -> StateCache | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -31,18 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from train.config.schema import Config
-from train.data.layout import Layout, stale_reason
+from train.data.layout import Layout, file_sha256, input_digests, refresh_stamps, stale_reason
 from train.data.prepare.pipeline import Budget, prepare_into
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -96,6 +87,8 @@ def ensure_prepared(config: Config) -> None:
         if reason is not None:
             log.info("preparing %s: %s", config.data.dir, reason)
             _prepare(config, True, Budget())
+        else:
+            refresh_stamps(config)
 
 
 def prepare(config: Config, show_progress: bool = True, budget: Budget = Budget()) -> dict[str, Any]:
@@ -114,14 +107,19 @@ def _prepare(config: Config, show_progress: bool, budget: Budget) -> dict[str, A
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         manifest = prepare_into(config, tmp_dir, show_progress, budget)
-        manifest["files"] = {p.relative_to(tmp_dir).as_posix(): _sha256(p)
+        manifest["files"] = {p.relative_to(tmp_dir).as_posix(): file_sha256(p)
                              for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+        manifest["input_sha256"] = input_digests(config)
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         Layout(tmp_dir).manifest.write_text(json.dumps(manifest, indent=2))
         old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
+            # The frozen states are named by a digest of the backbone and every item's tokens, so
+            # a file kept from before is either exactly right or never read: keep them.
+            if Layout(old).frozen_states.is_dir():
+                Layout(old).frozen_states.rename(Layout(tmp_dir).frozen_states)
         tmp_dir.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
