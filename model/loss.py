@@ -274,7 +274,7 @@ def uniformity_loss(item: torch.Tensor, item_ids: torch.Tensor, group: dist.Proc
 
 
 def catalog_loss(query: torch.Tensor, item_ids: torch.Tensor, catalog: torch.Tensor, *,
-                 temperature: float | torch.Tensor) -> torch.Tensor:
+                 temperature: float | torch.Tensor, held_out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax of each local user over the whole catalog: SASRec's cross-entropy, for text items.
 
     `catalog` [N, D] holds every item's embedding from a recent no-grad pass (the same on every
@@ -284,8 +284,11 @@ def catalog_loss(query: torch.Tensor, item_ids: torch.Tensor, catalog: torch.Ten
     negatives on purpose: a fresh positive among stale negatives lets the model win by telling
     fresh from stale (moving the whole item space between refreshes), and it collapses.
     Every term is local, so the mean over local rows averages over ranks to the one-process loss.
+    `held_out` [N] (data.cold_items) marks items that are no candidate at all.
     """
     logits = query @ catalog.to(query.dtype).T
+    if held_out is not None:
+        logits = _masked(logits, held_out.unsqueeze(0))
     return F.cross_entropy(logits / temperature, item_ids)
 
 
@@ -307,14 +310,17 @@ def next_item_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, t
 
 def position_loss(states: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, next_items: torch.Tensor,
                   catalog: torch.Tensor, *, temperature: float | torch.Tensor,
-                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                  group: dist.ProcessGroup | None = None, held_out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the catalog at every (row, column) of `states` [B, T, D], mean over the
     positions of the *global* batch.
 
     Ranks hold different numbers of positions, so each rank divides its sum by the global count
-    over the world size: the mean of the ranks' losses is then the one-process mean.
+    over the world size: the mean of the ranks' losses is then the one-process mean. `held_out`
+    as in catalog_loss.
     """
     logits = states[rows, columns] @ catalog.to(states.dtype).T / temperature
+    if held_out is not None:
+        logits = _masked(logits, held_out.unsqueeze(0))
     return global_mean(F.cross_entropy(logits, next_items, reduction="sum"), len(rows), group)
 
 

@@ -46,12 +46,13 @@ class Objective(nn.Module):
                 views: tuple[torch.Tensor, torch.Tensor] | None = None, catalog: torch.Tensor | None = None,
                 positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                group: dist.ProcessGroup | None = None, held_out: torch.Tensor | None = None) -> torch.Tensor:
         """`catalog`: every item's embedding [N, D], needed when the negatives include the catalog
         or with history positions; `positions`: (user token states [B, T, D], rows, columns,
         next items) for the history-positions term (model.loss.next_item_positions);
         `negatives`: (ids, log q) of extra in-batch negatives whose embeddings follow the B
-        positives in `item` (loss.history_negatives)."""
+        positives in `item` (loss.history_negatives); `held_out` [N]: items the catalog softmax
+        leaves out (data.cold_items, never a candidate in training)."""
         tau = self.temperature()
         terms = []
         if self.negatives != "catalog":
@@ -61,7 +62,8 @@ class Objective(nn.Module):
                 candidate_logq = None if logq is None else torch.cat([logq, negatives[1].to(logq.dtype)])
             terms.append(self._in_batch(query, item, candidate_ids, tau, history_ids, candidate_logq, group))
         if self.negatives != "batch":
-            terms.append(catalog_loss(query, item_ids, self._required(catalog), temperature=tau))
+            terms.append(catalog_loss(query, item_ids, self._required(catalog), temperature=tau,
+                                      held_out=held_out))
         self.calls += 1
         loss = terms[0] if len(terms) == 1 else (terms[0] + terms[1]) / 2
         if self.uniformity > 0:
@@ -71,7 +73,7 @@ class Objective(nn.Module):
             loss = loss + self.user_cl_weight * user_contrastive_loss(*views, temperature=tau, group=group)
         if positions is not None and self.history_positions > 0:
             loss = loss + self.history_positions * position_loss(*positions, self._required(catalog), temperature=tau,
-                                                                  group=group)
+                                                                  group=group, held_out=held_out)
         return loss
 
     def next_item(self, states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor,

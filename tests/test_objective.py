@@ -107,6 +107,25 @@ def test_catalog_softmax_matches_a_naive_loop_and_masks_nothing() -> None:
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+def test_held_out_items_are_no_catalog_candidate() -> None:
+    """data.cold_items: the catalog softmax (and the history positions' one) over the other
+    items only, as if the held-out rows were not in the catalog at all."""
+    query, catalog = embeddings(6, 7), embeddings(10, 8)
+    held_out = torch.zeros(10, dtype=torch.bool)
+    held_out[[0, 3, 8]] = True
+    kept = (~held_out).nonzero().squeeze(1)
+    renumbered = torch.searchsorted(kept, ITEM_IDS)  # the targets' rows among the kept items
+    expected = catalog_loss(query, renumbered, catalog[kept], temperature=0.2)
+    assert torch.allclose(catalog_loss(query, ITEM_IDS, catalog, temperature=0.2, held_out=held_out), expected)
+    assert not torch.allclose(catalog_loss(query, ITEM_IDS, catalog, temperature=0.2), expected)
+    states, rows, columns = query.view(2, 3, 8), torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1])
+    objective = Objective("infonce", temperature=0.2, negatives="catalog", history_positions=1.0)
+    got = objective(query, query, ITEM_IDS, catalog=catalog, positions=(states, rows, columns, ITEM_IDS[:3]),
+                    held_out=held_out)
+    positions = position_loss(states, rows, columns, renumbered[:3], catalog[kept], temperature=0.2)
+    assert torch.allclose(got, expected + positions)
+
+
 def test_catalog_negatives_in_the_objective() -> None:
     query, item, catalog = embeddings(6, 0), embeddings(6, 1), embeddings(10, 2)
     batch = contrastive_loss(query, item, ITEM_IDS, temperature=0.1, history_ids=HISTORY)

@@ -478,7 +478,7 @@ def test_a_second_prepare_of_the_same_dir_waits_for_the_first(write_dataset) -> 
 def test_cold_items_never_reach_training_and_stay_in_evaluation(write_dataset) -> None:
     """data.cold_items: the seeded share of items is in no training sample (target or history)
     and counts zero in training; the valid and test splits are those of a run without it."""
-    from train.data.prepare.pipeline import cold_items
+    from train.data.layout import cold_items
 
     dataset = write_dataset()
     manifest = _prepare(dataset, "data.cold_items=0.25")

@@ -165,6 +165,30 @@ def test_id_embeddings_start_at_the_text_and_train_only_the_items_seen(tmp_path:
         without.close()
 
 
+def test_catalog_candidates_leave_out_the_cold_items(trainer) -> None:  # type: ignore[no-untyped-def]
+    """data.cold_items are held out of training entirely: with loss.negatives=catalog every
+    other item is a candidate, none of the held-out ones, and each column still names its item."""
+    from train.data.layout import cold_items
+    from train.data.stream import read_shard
+    from train.loop.step import TrainStep
+
+    config = trainer.config
+    config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, negatives="catalog"),
+                                 data=dataclasses.replace(config.data, cold_items=0.2))
+    cold = cold_items(len(trainer.collator.catalog), 0.2, config.seed)
+    assert cold is not None
+    warm = [int(i) for i in (~cold).nonzero()[0]]
+    shard = Path(config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
+    samples = [s for s in read_shard(str(shard)) if not cold[[s["item"], *s["history"]]].any()][:6]
+    batch = trainer.collator(samples)
+    stepper = TrainStep(config, trainer.model, trainer.engine, trainer.collator, trainer.inputs.token_items,
+                        torch.device("cpu"), 1, trainer.evaluator.catalog_tokens)
+    embedded = stepper.embed(batch)
+    assert stepper.local_item_ids(batch).tolist() == warm and embedded.candidates.shape[0] == len(warm)
+    _, _, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
+    assert [warm[column] for column in embedded.next_columns.tolist()] == next_ids[next_ids >= 0].tolist()
+
+
 def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # type: ignore[no-untyped-def]
     """loss.negatives=catalog with items: the step's candidates are the whole catalog, each
     position's column the row of its next item, and the rows carry gradients (encoded live)."""

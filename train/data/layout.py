@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -109,6 +110,16 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def cold_items(n_items: int, share: float, seed: int) -> np.ndarray | None:
+    """data.cold_items: a seeded `share` of the catalog held out of training (a mask), or None.
+    Prepare keeps them out of every sample; the step keeps them out of catalog negatives."""
+    if share <= 0:
+        return None
+    cold = np.zeros(n_items, dtype=bool)
+    cold[np.random.default_rng(seed).permutation(n_items)[:round(share * n_items)]] = True
+    return cold
 
 
 def is_prepared(config: Config) -> bool:

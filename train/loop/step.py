@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.layer_cache import StateCache
@@ -20,6 +21,7 @@ from model.unpadded import shared_prefix
 from model.user_tower import sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator
+from train.data.layout import cold_items
 from train.distributed import anywhere, even_share
 from train.evaluation.encode import encode_sharded, eval_mode
 from train.loop.engines import Engine
@@ -77,10 +79,15 @@ class TrainStep:
         self.catalog_tokens = catalog_tokens
         self.state_cache = state_cache  # model.trained_layers: the items' frozen lower-layer states
         self.items_mode = config.model.user_encoder == "items"
+        # data.cold_items are held out of training entirely, catalog negatives included: a softmax
+        # that pushed them down at every step would teach the model to rank their text low.
+        cold = cold_items(len(collator.catalog), config.data.cold_items, config.seed)
+        self.held_out = None if cold is None else torch.from_numpy(cold).to(device)
         # loss.negatives=catalog with items: this rank's share of the catalog, encoded at every step.
         self.catalog_share: torch.Tensor | None = None
         if self.items_mode and config.loss.negatives == "catalog":
-            self.catalog_share = torch.tensor(even_share(len(collator.catalog)), device=device)
+            candidates = torch.arange(len(collator.catalog)) if cold is None else torch.from_numpy(np.flatnonzero(~cold))
+            self.catalog_share = candidates[even_share(len(candidates))].to(device)
         # Every item's embedding (no grad) for catalog negatives and history positions.
         self.catalog_embeddings: torch.Tensor | None = None
         self.skipped = False  # this step's update is left out (a non-finite loss or gradient)
@@ -190,7 +197,7 @@ class TrainStep:
             negatives = (batch["negative_ids"], batch["negative_logq"])
         return objective(embeddings.query, embeddings.item, batch["item_ids"], history_ids=batch["history_ids"],
                          logq=batch["logq"], views=embeddings.views, catalog=self.catalog_embeddings,
-                         positions=positions, negatives=negatives)
+                         positions=positions, negatives=negatives, held_out=self.held_out)
 
     def shared_tokens(self, batch: Batch) -> int:
         """Prompt tokens the backbone does not compute: each text batch's common leading tokens

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from train.config.schema import Config
-from train.data.layout import SCHEMA_VERSION, SPLIT_SCHEMA, Layout, fingerprint
+from train.data.layout import SCHEMA_VERSION, SPLIT_SCHEMA, Layout, cold_items, fingerprint
 from train.data.prepare import filters, sources
 from train.data.prepare.partition import DiskCorePart, LogSpill, Partition
 from train.data.prepare.shards import ShardWriter, histories
@@ -80,15 +80,6 @@ def _training_samples(partition: Partition, new_index: np.ndarray | None, cold: 
         _, bounds, items = _sequences(partition, new_index)
         n_train = training_part(bounds, items, cold)[2]
     return int((n_train >= 2).sum()) if last_only else int(np.maximum(n_train - 1, 0).sum())
-
-
-def cold_items(n_items: int, share: float, seed: int) -> np.ndarray | None:
-    """data.cold_items: a seeded `share` of the catalog held out of training (a mask), or None."""
-    if share <= 0:
-        return None
-    cold = np.zeros(n_items, dtype=bool)
-    cold[np.random.default_rng(seed).permutation(n_items)[:round(share * n_items)]] = True
-    return cold
 
 
 def _sequences(partition: Partition, new_index: np.ndarray | None) -> tuple[pa.Array, np.ndarray, np.ndarray]:
