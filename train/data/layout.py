@@ -133,7 +133,7 @@ def stale_reason(config: Config) -> str | None:
         return "not prepared yet"
     old = manifest.get("fingerprint") or {}
     new = json.loads(json.dumps(fingerprint(config)))  # as the manifest holds it (tuples as lists)
-    if old == new or _same_bytes_elsewhen(manifest, old, new, config):
+    if old == new or _copied_unchanged(manifest, old, new, config):
         return None
     if old.get("schema_version") != SCHEMA_VERSION:
         return f"prepared with schema {old.get('schema_version', manifest.get('schema_version'))}, now {SCHEMA_VERSION}"
@@ -157,7 +157,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _same_bytes_elsewhen(manifest: dict[str, Any], old: dict[str, Any], new: dict[str, Any], config: Config) -> bool:
+def _copied_unchanged(manifest: dict[str, Any], old: dict[str, Any], new: dict[str, Any], config: Config) -> bool:
     """Whether only the input files' mtimes differ and their contents are what was prepared: a
     copy of the same data (a new node, a re-synced share) must not cost a re-prepare, nor the
     frozen states a re-prepare would leave to recompute."""
