@@ -45,13 +45,26 @@ class Ranked:
     names: list[str]
 
 
-def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
+@dataclass
+class Encoded:
+    """A run's users and catalog as its best checkpoint embeds them on a split."""
+
+    checkpoint: Path
+    users: torch.Tensor  # [U, D]
+    items: torch.Tensor  # [N, D]
+    histories: list[list[int]]
+    targets: torch.Tensor  # [U]
+    train_counts: torch.Tensor  # [N] each item's count as a training target
+    target_buckets: list[int]  # the run's eval.target_buckets
+
+
+def encode_run(run_dir: Path, split: str) -> Encoded:
+    """Re-encode `run_dir` with its best validated checkpoint (else its newest), by its own config."""
     from train.config.io import load_config
     from train.data.layout import load_split
     from train.distributed import from_environment
     from train.errors import UserError
-    from train.evaluation.evaluate import Evaluator, embed_users_and_items, target_buckets
-    from train.evaluation.ranking import ndcg_at, target_ranks
+    from train.evaluation.evaluate import Evaluator, embed_users_and_items
     from train.modeling import checkpoint
     from train.modeling.build import build_model, load_inputs
 
@@ -67,16 +80,25 @@ def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
     rows = load_split(config.data.dir, split)
     users, items = embed_users_and_items(model.encoder, inputs.collator, config, dist_state.device, rows["history"],
                                          evaluator.catalog_tokens(), True, evaluator.state_cache(model.encoder))
-    targets = torch.tensor(rows["target"], dtype=torch.long)
+    return Encoded(path, users, items, rows["history"], torch.tensor(rows["target"], dtype=torch.long),
+                   inputs.collator.catalog.train_counts(), config.eval.target_buckets)
+
+
+def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
+    from train.evaluation.evaluate import target_buckets
+    from train.evaluation.ranking import ndcg_at, target_ranks
+
+    run = encode_run(run_dir, split)
     kept, excluded = [], []
-    for begin in range(0, len(targets), 1024):  # one block of scores at a time
-        scores = users[begin:begin + 1024].float() @ items.float().T
-        chunk = targets[begin:begin + 1024].to(scores.device)
+    for begin in range(0, len(run.targets), 1024):  # one block of scores at a time
+        scores = run.users[begin:begin + 1024].float() @ run.items.float().T
+        chunk = run.targets[begin:begin + 1024].to(scores.device)
         kept.append(target_ranks(scores, chunk).cpu())
-        excluded.append(target_ranks(scores, chunk, rows["history"][begin:begin + 1024]).cpu())
-    grouped = target_buckets(inputs.collator.catalog.train_counts(), targets, config.eval.target_buckets)
+        excluded.append(target_ranks(scores, chunk, run.histories[begin:begin + 1024]).cpu())
+    grouped = target_buckets(run.train_counts, run.targets, run.target_buckets)
     buckets, names = grouped if grouped is not None else (None, [])
-    return Ranked(path, targets, ndcg_at(torch.cat(kept), k), ndcg_at(torch.cat(excluded), k), buckets, names)
+    return Ranked(run.checkpoint, run.targets, ndcg_at(torch.cat(kept), k), ndcg_at(torch.cat(excluded), k), buckets,
+                  names)
 
 
 def rank_untrained(run_dir: Path, split: str, k: int, recent: int) -> Ranked:
