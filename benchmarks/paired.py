@@ -56,6 +56,7 @@ class Encoded:
     targets: torch.Tensor  # [U]
     train_counts: torch.Tensor  # [N] each item's count as a training target
     target_buckets: list[int]  # the run's eval.target_buckets
+    max_history: int  # the run's data.max_history: how many recent items a user embedding reads
 
 
 def encode_run(run_dir: Path, split: str) -> Encoded:
@@ -81,14 +82,14 @@ def encode_run(run_dir: Path, split: str) -> Encoded:
     users, items = embed_users_and_items(model.encoder, inputs.collator, config, dist_state.device, rows["history"],
                                          evaluator.catalog_tokens(), True, evaluator.state_cache(model.encoder))
     return Encoded(path, users, items, rows["history"], torch.tensor(rows["target"], dtype=torch.long),
-                   inputs.collator.catalog.train_counts(), config.eval.target_buckets)
+                   inputs.collator.catalog.train_counts(), config.eval.target_buckets, config.data.max_history)
 
 
-def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
+def rank(run: Encoded, k: int) -> Ranked:
+    """Each user's NDCG@k over the full catalog, history kept and excluded, and their target bucket."""
     from train.evaluation.evaluate import target_buckets
     from train.evaluation.ranking import ndcg_at, target_ranks
 
-    run = encode_run(run_dir, split)
     kept, excluded = [], []
     for begin in range(0, len(run.targets), 1024):  # one block of scores at a time
         scores = run.users[begin:begin + 1024].float() @ run.items.float().T
@@ -101,7 +102,7 @@ def rank_run(run_dir: Path, split: str, k: int) -> Ranked:
                   names)
 
 
-def rank_untrained(run_dir: Path, split: str, k: int, recent: int) -> Ranked:
+def encode_untrained(run_dir: Path, split: str, recent: int) -> Encoded:
     """The off-the-shelf baseline of run_dir's backbone, nothing trained: each item its frozen
     pooled state (the run's backbone, pooling and item prompts), each user the mean of their
     last `recent` items' unit vectors, cosine scores (the issue's "frozen LLM, no training" row)."""
@@ -109,8 +110,7 @@ def rank_untrained(run_dir: Path, split: str, k: int, recent: int) -> Ranked:
     from train.data.layout import load_split
     from train.distributed import from_environment
     from train.errors import UserError
-    from train.evaluation.evaluate import Evaluator, target_buckets
-    from train.evaluation.ranking import ndcg_at, target_ranks
+    from train.evaluation.evaluate import Evaluator
     from train.modeling.build import build_model, load_inputs
 
     config = load_config(run_dir / "config.yaml", ["model.trained_layers=0", "model.init_from="])
@@ -123,13 +123,9 @@ def rank_untrained(run_dir: Path, split: str, k: int, recent: int) -> Ranked:
     items = torch.nn.functional.normalize(cache.states.float(), dim=-1)
     rows = load_split(config.data.dir, split)
     users = torch.stack([items[torch.tensor(history[-recent:])].mean(dim=0) for history in rows["history"]])
-    targets = torch.tensor(rows["target"], dtype=torch.long)
-    scores = users @ items.T
-    kept, excluded = target_ranks(scores, targets), target_ranks(scores, targets, rows["history"])
-    grouped = target_buckets(inputs.collator.catalog.train_counts(), targets, config.eval.target_buckets)
-    buckets, names = grouped if grouped is not None else (None, [])
-    return Ranked(Path(f"{run_dir} (untrained backbone, user = mean of last {recent})"), targets, ndcg_at(kept, k),
-                  ndcg_at(excluded, k), buckets, names)
+    return Encoded(Path(f"{run_dir} (untrained backbone, user = mean of last {recent})"), users, items,
+                   rows["history"], torch.tensor(rows["target"], dtype=torch.long),
+                   inputs.collator.catalog.train_counts(), config.eval.target_buckets, config.data.max_history)
 
 
 def pool(runs: list[Ranked]) -> Ranked:
@@ -171,9 +167,9 @@ def main() -> None:
     pairs = []
     try:
         for run_a, run_b in zip(args.runs[::2], args.runs[1::2]):
-            first = (rank_untrained(run_a, args.split, args.k, args.untrained_a) if args.untrained_a
-                     else rank_run(run_a, args.split, args.k))
-            pair = first, rank_run(run_b, args.split, args.k)
+            first = (encode_untrained(run_a, args.split, args.untrained_a) if args.untrained_a
+                     else encode_run(run_a, args.split))
+            pair = rank(first, args.k), rank(encode_run(run_b, args.split), args.k)
             if not torch.equal(pair[0].targets, pair[1].targets):
                 raise UserError(f"{run_a} and {run_b} rank different {args.split} targets: compare runs over the "
                                 "same prepared split")

@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
-    from train.config.io import load_config
     from train.errors import UserError
 
     print(f"command: (cd {ROOT.name} && python benchmarks/seen_in_top.py "
@@ -39,7 +38,6 @@ def main() -> None:
     for run_dir in args.runs:
         try:
             run = encode_run(run_dir, args.split)
-            window = load_config(run_dir / "config.yaml").data.max_history
         except UserError as error:
             sys.exit(f"seen_in_top.py: {error}")
         seen = last_in = older = 0
@@ -50,7 +48,7 @@ def main() -> None:
                 ages = [age[item] for item in chosen if item in age]
                 seen += len(ages)
                 last_in += 1 in ages
-                older += sum(a > window for a in ages)
+                older += sum(a > run.max_history for a in ages)
         users = len(run.targets)
         print(f"{str(run_dir):<40}{users:>7}{seen / users:>16.2f}{last_in / users:>14.1%}"
               f"{older / max(seen, 1):>19.1%}")
