@@ -9,7 +9,7 @@ from torch import nn
 from model.layer_cache import check_splittable, decoder_of, run_layers
 from model.pooling import POOLERS, last_token, position_ids
 from model.unpadded import is_unpadded, unpadded_forward
-from model.user_tower import UserTower
+from model.user_tower import RepeatScore, UserTower
 
 
 class RecEncoder(nn.Module):
@@ -23,7 +23,8 @@ class RecEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str = "last", projection_dim: int = 0,
                  user_projection: bool = False, user_tower: UserTower | None = None, normalize: bool = True,
-                 split: int | None = None, num_items: int = 0, share_prefix: bool = True) -> None:
+                 split: int | None = None, num_items: int = 0, share_prefix: bool = True,
+                 repeat_score: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = POOLERS[pooling]
@@ -37,6 +38,8 @@ class RecEncoder(nn.Module):
         if num_items:
             self.id_embeddings = nn.Embedding(num_items, projection_dim or hidden_size)
             nn.init.zeros_(self.id_embeddings.weight)
+        # model.repeat_score (with the user tower): a learned score for the items a user already has.
+        self.repeat_score = RepeatScore() if repeat_score else None
         self.normalize = normalize
         # model.unpadded: the backbone runs on the batch's real tokens only (model/unpadded.py).
         self.unpadded = is_unpadded(backbone)
@@ -54,9 +57,9 @@ class RecEncoder(nn.Module):
 
     def heads(self) -> list[nn.Module]:
         """The trained modules beside the backbone that this encoder has: projections, user
-        tower, id table."""
-        return [head for head in (self.projection, self.user_projection, self.user_tower, self.id_embeddings)
-                if head is not None]
+        tower, id table, repeat score."""
+        return [head for head in (self.projection, self.user_projection, self.user_tower, self.id_embeddings,
+                                  self.repeat_score) if head is not None]
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, every_position: bool = False,
                 user: bool = False, item_sequence: torch.Tensor | None = None,

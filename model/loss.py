@@ -387,13 +387,21 @@ def candidate_columns(ids: torch.Tensor, candidate_ids: torch.Tensor, first: tor
 
 
 def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor, *,
-                   temperature: float | torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                   temperature: float | torch.Tensor, group: dist.ProcessGroup | None = None,
+                   seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   repeat: torch.Tensor | None = None) -> torch.Tensor:
     """SASRec's objective over the global batch: each user state [P, D] (one per history
     position) against every distinct item of the batch, the next item its positive; the mean over
     the positions of the *global* batch.
 
     Nothing else is masked: the items a user already has are negatives like any other, which is
-    how the model learns not to recommend them again. Ranks hold different numbers of
-    positions, so the mean is taken by global_mean."""
-    logits = _masked(states @ candidates.T / temperature, ~first.unsqueeze(0))
+    how the model learns not to recommend them again. With `seen` (positions, columns: each pair
+    a candidate the position's user already has, once; model.user_tower.seen_so_far) those scores
+    get `repeat` added (model.repeat_score), before the temperature, as ranking adds it. Ranks
+    hold different numbers of positions, so the mean is taken by global_mean."""
+    scores = states @ candidates.T
+    if seen is not None:
+        assert repeat is not None, "seen items need the repeat score"
+        scores = scores.index_put(seen, repeat.to(scores.dtype).expand(len(seen[0])), accumulate=True)
+    logits = _masked(scores / temperature, ~first.unsqueeze(0))
     return global_mean(F.cross_entropy(logits, next_columns, reduction="sum"), len(next_columns), group)

@@ -77,10 +77,12 @@ class Objective(nn.Module):
         return loss
 
     def next_item(self, states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor,
-                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                  group: dist.ProcessGroup | None = None, seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  repeat: torch.Tensor | None = None) -> torch.Tensor:
         """The hierarchical objective (model.user_encoder=items): model.loss.next_item_loss."""
         self.calls += 1
-        return next_item_loss(states, next_columns, candidates, first, temperature=self.temperature(), group=group)
+        return next_item_loss(states, next_columns, candidates, first, temperature=self.temperature(), group=group,
+                              seen=seen, repeat=repeat)
 
     def _required(self, catalog: torch.Tensor | None) -> torch.Tensor:
         if catalog is None:

@@ -25,8 +25,9 @@ from train.loop.cached_step import CachedStep
 CHUNKS = (2, 4)
 ENGINES = [("ddp", -1), ("accelerate", -1), ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)]
 ONE_STEP = ("train.lr=1.0", "train.max_steps=1", "loss.temperature=0.2")
-# The items encoder with a second item batch source: the whole catalog as candidates.
-CATALOG_ITEMS = (*ITEMS, "loss.negatives=catalog", "model.id_embeddings=true")
+# The items encoder with a second item batch source: the whole catalog as candidates (and the
+# repeat score, a parameter the loss reads outside the encoder's forward).
+CATALOG_ITEMS = (*ITEMS, "loss.negatives=catalog", "model.id_embeddings=true", "model.repeat_score=true")
 DROPOUT_TEXT = ("model.lora.dropout=0.3", ("model.architecture={hidden_size: 32, intermediate_size: 64, "
                                           "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, "
                                           "attention_dropout: 0.3}"))
@@ -54,13 +55,14 @@ def one_graph_step(stepper: CachedStep, batch: dict[str, torch.Tensor]) -> torch
                                       stepper.agreed_chunks(len(ids))))
         candidates, candidate_ids, first = distinct_items(local, ids)
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
-        inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
+        columns = candidate_columns(sequence, candidate_ids, first)
+        inputs = candidates[columns]
         (states,) = with_graph(Chunked(lambda rows: engine.forward(None, mask[rows], every_position=True, user=True,
                                                                    item_sequence=inputs[rows])[1],
                                        len(sequence), chunk, device))
         known = next_ids >= 0
         embeddings = SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
-                                        candidates, first)
+                                        candidates, first, stepper.seen(columns, mask, known))
     else:
         def prompts(prefix: str, user: bool) -> tuple[torch.Tensor, ...]:
             ids, mask = batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"]

@@ -174,6 +174,46 @@ def test_one_pass_ranks_every_part_as_the_dense_scores_do(chunk: int, item_chunk
     assert got["ndcg@5"] != got["with_history"]["ndcg@5"]  # the exclusion mattered
 
 
+@pytest.mark.parametrize("bonus, parts", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk, item_chunk", [(1, 1), (2, 4), (3, 2)])
+def test_the_repeat_score_is_the_model_s_own_and_its_inner_products_rank_beside(bonus: bool, parts: bool, chunk: int,
+                                                                                 item_chunk: int) -> None:
+    # model.repeat_score: the value on each distinct item of a user's last max_history (2 here)
+    # belongs to the model's scores ("encoder" beside the prior, else the ranking itself); the
+    # inner products alone are "embeddings". Each must equal its own dense ranking.
+    from train.evaluation.evaluate import repeat_bonus
+    from train.evaluation.ranking import mean_metrics, rank_sums
+
+    generator = torch.Generator().manual_seed(5)
+    users, items = torch.randn(5, 3, generator=generator), torch.randn(7, 3, generator=generator)
+    targets = torch.tensor([4, 1, 0, 3, 6])
+    histories = [[1, 5, 1], [0, 2], [], [6, 3, 2], [6, 5, 5]]  # 3: an old item left out; 1, 5: twice in a window
+    repeat = repeat_bonus(histories, 2, 2.5)  # positive: a domain where people take items again
+    rows, cols = torch.tensor([0, 1, 2, 3, 4, 4]), torch.tensor([5, 0, 1, 3, 2, 6])
+    values = torch.rand(6, generator=generator) * 2
+    got = mean_metrics(rank_sums(users, items, targets, histories, [1, 2, 5], user_chunk=chunk, item_chunk=item_chunk,
+                                 bonus=sparse(rows, cols, values) if bonus else None, parts=parts, repeat=repeat), 5)
+    windows = torch.zeros(5, 7)
+    for user, history in enumerate(histories):
+        windows[user, history[-2:]] = 2.5
+    prior = torch.zeros(5, 7)
+    if bonus:
+        prior[rows, cols] = values
+    dense = {"ranked": users @ items.T + windows + prior, "embeddings": users @ items.T}
+    reported = {"ranked": got, "embeddings": got["embeddings"]}
+    if parts:
+        dense.update(encoder=users @ items.T + windows, transitions=prior)
+        reported.update(encoder=got["encoder"], transitions=got["transitions"])
+    assert set(got) - set(reported) == {key for key in got if "@" in key} | {"with_history"}  # nothing else reported
+    for name, scores in dense.items():
+        for view, exclude in (("excluded", histories), ("kept", None)):
+            expected = metric_sums(target_ranks(scores, targets, exclude), [1, 2, 5])
+            block = reported[name] if view == "excluded" else reported[name]["with_history"]
+            for key, total in expected.items():
+                assert block[key] == pytest.approx(total / 5, abs=1e-12), (name, view, key)
+    assert got["with_history"] != got["embeddings"]["with_history"]  # the repeat score moved some rank
+
+
 def test_parts_need_a_bonus() -> None:
     with pytest.raises(ValueError, match="parts needs a bonus"):
         rank_catalog(SCORES, torch.eye(6), torch.tensor([4, 1]), None, [1], parts=True)

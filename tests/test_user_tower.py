@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.loss import candidate_columns, distinct_items, next_item_loss
-from model.user_tower import sequence_inputs
+from model.user_tower import seen_so_far, sequence_inputs
 from train.config.io import load_config
 from train.errors import UserError
 
@@ -49,6 +49,40 @@ def test_next_item_loss_is_cross_entropy_over_the_distinct_items() -> None:
         logits = torch.stack([state @ candidates[j] / 0.1 for j in (0, 1, 3, 4)])
         expected += float(torch.logsumexp(logits, 0) - state @ candidates[positive] / 0.1)
     assert float(loss) == pytest.approx(expected / 2, abs=1e-5)
+
+
+def test_seen_so_far_pairs_each_known_position_with_what_it_has_read() -> None:
+    history = torch.tensor([[4, 7, 4], [5, -1, -1], [8, 0, -1]])  # item 4 twice; item 0 is a real item
+    ids, mask, next_ids = sequence_inputs(history, torch.tensor([1, 6, 3]))
+    known = next_ids >= 0
+    positions, columns = seen_so_far(ids, mask, known)  # candidate columns are the ids themselves here
+    pairs = sorted(zip(positions.tolist(), columns.tolist()))
+    assert len(pairs) == len(set(pairs))  # item 4, read twice, is paired once with each position
+    expected = []
+    for index, (row, position) in enumerate(known.nonzero().tolist()):
+        read = {int(ids[row, t]) for t in range(position + 1) if mask[row, t]}
+        expected += [(index, item) for item in read]
+    assert pairs == sorted(expected)
+    # row 1 is left-padded with id 0 at mask 0: its padding pairs with nothing (item 0 unseen there)
+    row_1 = known[:1].sum()  # row 1's one known position follows row 0's
+    assert (int(row_1), 0) not in pairs and (int(row_1), 5) in pairs
+
+
+def test_the_repeat_score_is_added_to_the_seen_candidates_and_learns_from_them() -> None:
+    candidates = torch.randn(5, 3)
+    first = torch.ones(5, dtype=torch.bool)
+    states = torch.randn(2, 3)
+    seen = torch.tensor([[True, False, True, False, False], [False, False, False, True, True]])
+    repeat = torch.tensor(-0.7, requires_grad=True)
+    loss = next_item_loss(states, torch.tensor([3, 4]), candidates, first, temperature=0.5,
+                          seen=seen.nonzero(as_tuple=True), repeat=repeat)
+    logits = (states @ candidates.T + -0.7 * seen) / 0.5
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([3, 4]))), abs=1e-6)
+    loss.backward()
+    # d loss / d repeat = mean over rows of (softmax mass on the seen - 1 if the positive is seen) / tau
+    probabilities = logits.softmax(dim=1)
+    expected = ((probabilities * seen).sum(dim=1) - torch.tensor([0.0, 1.0])).mean() / 0.5
+    assert repeat.grad is not None and float(repeat.grad) == pytest.approx(float(expected), abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +242,57 @@ def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # typ
     _, _, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
     # the candidates' rows are the catalog in order, so a column is its item's id
     assert embedded.next_columns.tolist() == next_ids[next_ids >= 0].tolist()
+
+
+def test_the_repeat_score_trains_is_checkpointed_and_ranked(tmp_path: Path) -> None:
+    """model.repeat_score: a step moves it (from 0); a checkpoint keeps it; evaluation ranks with
+    it and reports the inner products alone beside ("embeddings"), which it does not touch."""
+    from train.data.stream import read_shard
+    from train.distributed import from_environment
+    from train.loop.recipe import Trainer
+    from train.modeling import checkpoint
+
+    overrides = [
+        f"output_dir={tmp_path}/run", f"data.dir={tmp_path}/data", "device=cpu", "resume=never", "data.num_workers=0",
+        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
+        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
+        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+        "num_attention_heads: 2, num_key_value_heads: 2}",
+        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 2}", "prompt.max_item_tokens=8", "train.batch_size=6", "train.max_steps=2",
+        "train.warmup_steps=0", "train.lr=0.05", "model.repeat_score=true"]
+    trainer = Trainer(load_config(None, overrides), from_environment("cpu"))
+    plain = Trainer(load_config(None, [*overrides, f"output_dir={tmp_path}/plain", "model.repeat_score=false"]),
+                    from_environment("cpu"))
+    try:
+        trainer.setup()
+        plain.setup()
+        score = trainer.encoder.repeat_score
+        assert score is not None and float(score()) == 0.0 and plain.encoder.repeat_score is None
+        shard = Path(trainer.config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
+        trainer.train_step(trainer.collator(list(read_shard(str(shard)))[:6]))
+        trained = float(score())
+        assert trained != 0.0
+        checkpoint.write(tmp_path, trainer.encoder, {})
+        with torch.no_grad():
+            score.weight.fill_(-3.0)
+        checkpoint.load_weights(tmp_path, trainer.encoder)
+        assert float(score()) == trained
+        with torch.no_grad():
+            score.weight.fill_(-100.0)  # past every inner product: the window's items rank last
+        metrics = trainer.evaluate("valid", show_progress=False)
+        plain.encoder.load_state_dict(trainer.encoder.state_dict(), strict=False)  # the same embeddings
+        reference = plain.evaluate("valid", show_progress=False)
+        def figures(block: dict) -> dict:
+            return {key: value for key, value in block.items() if "@" in key}
+        assert figures(metrics["embeddings"]["with_history"]) == figures(reference["with_history"])
+        assert figures(metrics["with_history"]) != figures(reference["with_history"])
+        assert figures(metrics["embeddings"]) == figures(metrics)  # history excluded, the window's score is moot
+    finally:
+        trainer.close()
+        plain.close()
+
+
+def test_the_repeat_score_needs_the_user_tower() -> None:
+    with pytest.raises(UserError, match="^model.repeat_score: needs model.user_encoder=items"):
+        load_config(None, ["model.repeat_score=true"])

@@ -106,6 +106,10 @@ class ModelConfig:
     id_embeddings: bool = doc(False, "user_encoder=items: add a trained vector per catalog item (an ID table, "
                                      "SASRec's collaborative signal) to its text embedding; it starts at zero, so an "
                                      "item never seen in training is its text alone")
+    repeat_score: bool = doc(False, "user_encoder=items: one learned number added to the score of each item the user "
+                                    "already has among their last data.max_history (negative where people do not take "
+                                    "an item twice, as films; positive where they do, as groceries); evaluation's "
+                                    "figures with it are beside the embeddings' alone (metrics.json: embeddings)")
     init_from: str = doc("", "a checkpoint, or a run directory (its best validated checkpoint, else its newest), whose "
                              "trained weights start this run: projection, id table, user tower and adapter (not the "
                              "optimizer or the step). A LoRA stage (trained_layers >= 1) started from a frozen "
@@ -136,6 +140,8 @@ class ModelConfig:
         check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
         check(not self.id_embeddings or self.user_encoder == "items", "model.id_embeddings",
               "needs model.user_encoder=items (with text users, model.item_tokens gives items an id of their own)")
+        check(not self.repeat_score or self.user_encoder == "items", "model.repeat_score",
+              "needs model.user_encoder=items (it scores the items the user tower reads)")
         check(self.trained_layers >= -1, "model.trained_layers", "must be -1 (all) or >= 0")
         check(self.train_heads or bool(self.init_from), "model.train_heads",
               "false keeps the heads as model.init_from loads them: set model.init_from")

@@ -63,12 +63,15 @@ def evaluate(encoder: RecEncoder, collator: PromptCollator, config: Config, devi
         def bonus(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return user_prior(counted, rows["history"][begin:end], train_counts, settings.weight, settings.recent,
                               settings.decay, settings.popularity_power)
+    repeat = None
+    if encoder.repeat_score is not None:
+        repeat = repeat_bonus(rows["history"], config.data.max_history, float(encoder.repeat_score().detach()))
     # One pass over the catalog ranks everything reported: history excluded and kept, and with
     # the prior on, the encoder alone and the transitions alone (so a fused figure can be read
-    # against its parts).
+    # against its parts); with a repeat score, the inner products without it.
     metrics.update(rank_in_shares(users, items, targets, rows["history"], ks, device, bonus, parts=bonus is not None,
                                   groups=target_buckets(collator.catalog.train_counts(), targets,
-                                                        config.eval.target_buckets)))
+                                                        config.eval.target_buckets), repeat=repeat))
     if "groups" in metrics:
         metrics["by_target_count"] = metrics.pop("groups")
     popular = dict(baseline) if baseline is not None else popularity(collator, targets, rows["history"], ks, device)
@@ -98,6 +101,17 @@ def embed_users_and_items(encoder: RecEncoder, collator: PromptCollator, config:
     return users, items
 
 
+def repeat_bonus(histories: list[list[int]], max_history: int, value: float) -> Bonus:
+    """model.repeat_score as sparse scores: `value` on each distinct item of a user's last
+    `max_history` (the items the user tower read, as in training)."""
+    def scores(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        windows = [sorted(set(history[-max_history:])) for history in histories[begin:end]]
+        rows = torch.tensor([row for row, items in enumerate(windows) for _ in items], dtype=torch.long)
+        items = torch.tensor([item for window in windows for item in window], dtype=torch.long)
+        return rows, items, torch.full((len(items),), value)
+    return scores
+
+
 def target_buckets(train_counts: torch.Tensor, targets: torch.Tensor, edges: list[int]
                    ) -> tuple[torch.Tensor, list[str]] | None:
     """Each user's bucket by how often their target occurs in training (edges [1, 5, 20]: 0,
@@ -123,21 +137,21 @@ def popularity(collator: PromptCollator, targets: torch.Tensor, histories: list[
 
 def rank_in_shares(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, histories: list[list[int]],
                    ks: list[int], device: torch.device, bonus: Bonus | None = None,
-                   parts: bool = False, groups: tuple[torch.Tensor, list[str]] | None = None) -> dict[str, Any]:
+                   parts: bool = False, groups: tuple[torch.Tensor, list[str]] | None = None,
+                   repeat: Bonus | None = None) -> dict[str, Any]:
     """`rank_catalog` with the users split over the processes: each ranks its share of the users
     on its own device, and the metric sums are added up over the processes (every one gets the
     means). With 8 processes, each scores an eighth of the users x items blocks."""
     mine = share(len(targets))
     begin, end = min(mine.start, len(targets)), min(mine.stop, len(targets))
-    share_bonus: Bonus | None = None
-    if bonus is not None:
-        full = bonus
 
-        def share_bonus(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return full(begin + first, begin + last)  # rows still counted from `first`
+    def shared(full: Bonus | None) -> Bonus | None:
+        """`full`, whose users are all the users, for this process's share (rows still counted
+        from the chunk's first)."""
+        return None if full is None else lambda first, last: full(begin + first, begin + last)
     mine_groups = None if groups is None else (groups[0][begin:end], groups[1])
-    sums = rank_sums(users[begin:end], items, targets[begin:end], histories[begin:end], ks, bonus=share_bonus,
-                     parts=parts, device=device, groups=mine_groups)
+    sums = rank_sums(users[begin:end], items, targets[begin:end], histories[begin:end], ks, bonus=shared(bonus),
+                     parts=parts, device=device, groups=mine_groups, repeat=shared(repeat))
     if world(None)[1] > 1:  # the same keys in the same order on every process: one vector to add up
         totals = torch.tensor(numbers(sums), dtype=torch.float64, device=device)
         dist.all_reduce(totals)

@@ -66,8 +66,8 @@ def rank_catalog(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, t
 def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targets: torch.Tensor,
               histories: Sequence[Sequence[int]] | None, ks: Sequence[int], user_chunk: int = 1024,
               item_chunk: int = 32768, bonus: Bonus | None = None, parts: bool = False,
-              device: torch.device | None = None, groups: tuple[torch.Tensor, list[str]] | None = None
-              ) -> dict[str, Any]:
+              device: torch.device | None = None, groups: tuple[torch.Tensor, list[str]] | None = None,
+              repeat: Bonus | None = None) -> dict[str, Any]:
     """Per-metric sums over the users of inner-product ranking over the whole catalog.
 
     Only each target's rank is needed, and it is a count (items scoring above the target), so
@@ -89,12 +89,16 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
 
     `groups`: (each user's group [U], the groups' names); the same sums are also kept per group,
     under "groups" -> name, each with its "users" count (from the same ranks: no second pass).
+
+    `repeat(begin, end)`: sparse scores in `bonus`'s form that belong to the model itself (its
+    repeat score on the items a user has): part of "encoder" and of the ranking, and the inner
+    products without them reported beside, as "embeddings".
     """
     if parts and bonus is None:
         raise ValueError("parts needs a bonus: there is nothing to rank apart")
     device = device or item_embeddings.device
-    # Ranked in this order (see the block loop): the encoder's scores are the block's product.
-    names = ["encoder", "ranked", "transitions"] if parts else ["ranked"]
+    stages = _stages(repeat is not None, bonus is not None, parts)
+    names = [name for name, _, _ in stages]
     none_yet = metric_sums(torch.zeros(0, dtype=torch.long), ks)  # every key, even for no users
     sums = {f"{name}/{view}": dict(none_yet) for name in names for view in ("excluded", "kept")}
     group_of, group_names = groups if groups is not None else (None, [])
@@ -106,15 +110,20 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
         host_targets = targets[begin:begin + user_chunk].cpu()
         chunk_targets = host_targets.to(device)
         rows = torch.arange(len(chunk_targets), device=device)
-        encoder_target = (queries * item_embeddings[host_targets].to(device)).sum(dim=-1)
-        extra = None if bonus is None else tuple(t.to(device) for t in bonus(begin, begin + len(chunk_targets)))
-        target_scores = {"encoder": encoder_target, "ranked": encoder_target}
-        if extra is not None:
-            on_target = extra[1] == chunk_targets[extra[0]]
-            on_target_values = extra[2][on_target].to(encoder_target.dtype)
-            target_scores["ranked"] = encoder_target.index_add(0, extra[0][on_target], on_target_values)
-            target_scores["transitions"] = torch.zeros_like(encoder_target).index_add(0, extra[0][on_target],
-                                                                                        on_target_values)
+        end = begin + len(chunk_targets)
+        sparse = {kind: tuple(t.to(device) for t in made(begin, end))
+                  for kind, made in (("repeat", repeat), ("bonus", bonus)) if made is not None}
+        # Each stage's score of every row's target, built up as the blocks' scores are.
+        target = (queries * item_embeddings[host_targets].to(device)).sum(dim=-1)
+        target_scores = {}
+        for name, reset, adds in stages:
+            if reset:
+                target = torch.zeros_like(target)
+            for kind in adds:
+                rows_of, items_of, values = sparse[kind]
+                on_target = items_of == chunk_targets[rows_of]
+                target = target.index_add(0, rows_of[on_target], values[on_target].to(target.dtype))
+            target_scores[name] = target
         pairs = None
         if histories is not None:
             excluded_rows, excluded_items = _exclusion_pairs(histories[begin:begin + user_chunk], host_targets, n_items)
@@ -129,17 +138,17 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
                 inside = (pairs[1] >= low) & (pairs[1] < high)
                 excluded_here = (pairs[0][inside], pairs[1][inside] - low)
             scores = queries @ item_embeddings[low:high].to(device).T
-            bonus_here = None
-            if extra is not None:
-                inside = (extra[1] >= low) & (extra[1] < high)
-                bonus_here = ((extra[0][inside], extra[1][inside] - low), extra[2][inside].to(scores.dtype))
-            # The encoder's scores, then the bonus added in place, then the bonus alone: one
-            # block in memory for the three.
-            for name in names:
-                if bonus_here is not None and name == "ranked":
-                    scores.index_put_(*bonus_here, accumulate=True)
-                elif bonus_here is not None and name == "transitions":
-                    scores.zero_().index_put_(*bonus_here, accumulate=True)
+            here = {}
+            for kind, (rows_of, items_of, values) in sparse.items():
+                inside = (items_of >= low) & (items_of < high)
+                here[kind] = ((rows_of[inside], items_of[inside] - low), values[inside].to(scores.dtype))
+            # The stages change the block's scores in place (the inner products, then the repeat
+            # score added, then the bonus, then the bonus alone): one block in memory for all.
+            for name, reset, adds in stages:
+                if reset:
+                    scores.zero_()
+                for kind in adds:
+                    scores.index_put_(*here[kind], accumulate=True)
                 target = target_scores[name]
                 kept[name] += _items_ahead(scores, target, chunk_targets, low, rows[in_block])
                 if excluded_here is not None:
@@ -160,6 +169,18 @@ def rank_sums(user_embeddings: torch.Tensor, item_embeddings: torch.Tensor, targ
         out["groups"] = {label: {**_nest(group, names), "users": users}
                          for label, group, users in zip(group_names, group_sums, group_users)}
     return out
+
+
+def _stages(repeat: bool, bonus: bool, parts: bool) -> list[tuple[str, bool, tuple[str, ...]]]:
+    """The rankings one pass counts, in order, each (name, whether the block's scores restart at
+    zero, the sparse scores then added in place): "ranked" is the reported ranking; with a repeat
+    score, "embeddings" the inner products before it; with `parts`, "encoder" the model's own
+    scores and "transitions" the bonus alone."""
+    model: tuple[str, ...] = ("repeat",) if repeat else ()
+    stages = [("embeddings", False, ())] if repeat else []
+    if bonus and parts:
+        return [*stages, ("encoder", False, model), ("ranked", False, ("bonus",)), ("transitions", True, ("bonus",))]
+    return [*stages, ("ranked", False, (*model, *(("bonus",) if bonus else ())))]
 
 
 def _add(total: dict[str, float], more: dict[str, float]) -> None:

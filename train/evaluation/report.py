@@ -25,13 +25,18 @@ def baseline_of(metrics: dict[str, Any]) -> dict[str, Any]:
     return {**metrics["popularity"], "with_history": metrics["with_history"]["popularity"]}
 
 
+# The parts a ranking reports beside itself: the model's own scores (beside the transitions
+# prior), its inner products without its repeat score, the prior alone.
+PARTS = ("encoder", "embeddings", "transitions")
+
+
 def format_table(metrics: dict[str, Any], ks: list[int]) -> str:
     """A small text table: rectrain beside popularity (and its parts, when the ranking is fused),
     history excluded and kept."""
     keys = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
     header = f"{metrics['split']} ({metrics['users']} users)"
     lines = [f"{header:<36}" + "".join(f"{k:>12}" for k in keys)]
-    parts = [(name, metrics[name]) for name in ("encoder", "transitions") if name in metrics]
+    parts = [(name, metrics[name]) for name in PARTS if name in metrics]
     rows = [("rectrain", metrics), *((f"  {name} alone", part) for name, part in parts),
             ("popularity", metrics["popularity"]), ("rectrain, history kept", metrics["with_history"]),
             *((f"  {name} alone, history kept", part["with_history"]) for name, part in parts),

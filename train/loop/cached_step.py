@@ -155,7 +155,7 @@ class CachedStep(TrainStep):
         (states,) = users.without_graph()
         known = next_ids >= 0
         embeddings = SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
-                                        tower_inputs, first)
+                                        tower_inputs, first, self.seen(columns, mask, known))
         loss = self.loss(embeddings, batch)
         if self.nonfinite_anywhere(loss):
             return loss
@@ -172,10 +172,12 @@ class CachedStep(TrainStep):
     def loss_gradients(self, loss: torch.Tensor, leaves: list[torch.Tensor]
                        ) -> tuple[list[torch.Tensor | None], Callable[[], torch.Tensor]]:
         """The loss's gradient with respect to the embeddings (`leaves`), and `extra`: the term
-        the last backward adds for the loss's own parameters (a learned temperature), whose
-        gradient is computed here too. DDP's reducer also waits for every trainable parameter in
-        that backward, so there it touches each of them (with a zero)."""
-        params = [p for p in self.model.objective.parameters() if p.requires_grad]
+        the last backward adds for the loss's own parameters (a learned temperature, the repeat
+        score), whose gradient is computed here too. DDP's reducer also waits for every trainable
+        parameter in that backward, so there it touches each of them (with a zero)."""
+        repeat = self.model.encoder.repeat_score
+        own = [*self.model.objective.parameters(), *(() if repeat is None else repeat.parameters())]
+        params = [p for p in own if p.requires_grad]
         grads = torch.autograd.grad(loss, [*leaves, *params], allow_unused=True)
         leaf_grads: list[torch.Tensor | None] = list(grads[:len(leaves)])
         param_grads = grads[len(leaves):]

@@ -60,8 +60,10 @@ class Meter:
         else:
             self.loss = self.loss + result.loss.float()
 
-    def log(self, step: int, lr: float, temperature: float, bar: tqdm) -> dict[str, Any]:
-        """The window's row: the loss is this rank's mean over the window (rank 0 writes)."""
+    def log(self, step: int, lr: float, temperature: float, bar: tqdm,
+            repeat_score: float | None = None) -> dict[str, Any]:
+        """The window's row: the loss is this rank's mean over the window (rank 0 writes);
+        `repeat_score`: model.repeat_score's value now, when the model has one."""
         elapsed = time.perf_counter() - self.start
         taken = self.steps - self.skipped
         row = {"step": step, "loss": round(float(self.loss) / taken, 6) if taken else None, "lr": lr,
@@ -71,6 +73,8 @@ class Meter:
                "padded_tokens_per_s": round(self.padded / elapsed, 1),
                # Waiting for the loader: above a few percent, add data.num_workers.
                "data_wait_share": round(self.data_wait / elapsed, 4)}
+        if repeat_score is not None:
+            row["repeat_score"] = round(repeat_score, 5)
         if self.flops is not None:
             # Per device: the global batch's useful FLOPs shared by the ranks that did them.
             achieved = self.flops(self.tokens, self.squares) / self.devices / elapsed

@@ -183,7 +183,9 @@ class Trainer:
                 self.bad_steps.check(result.skipped, result.loss, self.step, self.last_checkpoint)
                 self.meter.update(result, data_wait)
                 if self.logging.due(self.step):
-                    self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar)
+                    repeat = self.encoder.repeat_score
+                    self.meter.log(self.step, self.engine.lr(), float(self.model.objective.temperature()), bar,
+                                   None if repeat is None else float(repeat()))
                 bar.update(1)
                 if result.stop:  # some rank was signalled: all stop here, together
                     self.save()

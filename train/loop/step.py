@@ -18,7 +18,7 @@ from model.layer_cache import StateCache
 from model.loss import candidate_columns, distinct_items, next_item_positions
 from model.rec_model import RecModel
 from model.unpadded import shared_prefix
-from model.user_tower import sequence_inputs
+from model.user_tower import seen_so_far, sequence_inputs
 from train.config.schema import Config
 from train.data.collate import PromptCollator
 from train.data.layout import cold_items
@@ -48,6 +48,7 @@ class SequenceEmbeddings:
     next_columns: torch.Tensor  # [P] each position's next item, as a column of `candidates`
     candidates: torch.Tensor  # [C, D] every rank's distinct items, gathered with gradients
     first: torch.Tensor  # [C] whether a row is its id's first (the one that counts)
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None  # (position, column) pairs a user has (model.repeat_score)
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,16 @@ class TrainStep:
         ids = self.local_item_ids(batch)
         candidates, candidate_ids, first = distinct_items(self.encode_items(batch, ids), ids)
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
-        inputs = candidates[candidate_columns(sequence, candidate_ids, first)]
-        _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=inputs)
+        columns = candidate_columns(sequence, candidate_ids, first)
+        _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=candidates[columns])
         known = next_ids >= 0
         return SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
-                                  candidates, first)
+                                  candidates, first, self.seen(columns, mask, known))
+
+    def seen(self, columns: torch.Tensor, mask: torch.Tensor, known: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """model.repeat_score: each known position's pairs with the candidates its user already has."""
+        return None if self.model.encoder.repeat_score is None else seen_so_far(columns, mask, known)
 
     def local_item_ids(self, batch: Batch) -> torch.Tensor:
         """The items this rank encodes (user_encoder=items): its rows' distinct items, or its
@@ -186,8 +192,10 @@ class TrainStep:
         """This rank's share of the global batch's loss (model/loss.py's contract)."""
         objective = self.model.objective
         if isinstance(embeddings, SequenceEmbeddings):
+            repeat = self.model.encoder.repeat_score
             return objective.next_item(embeddings.states, embeddings.next_columns, embeddings.candidates,
-                                       embeddings.first)
+                                       embeddings.first, seen=embeddings.seen,
+                                       repeat=None if repeat is None else repeat())
         positions = None
         if embeddings.states is not None:
             positions = (embeddings.states, *next_item_positions(batch["user_input_ids"], batch["user_attention_mask"],

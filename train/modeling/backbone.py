@@ -95,7 +95,8 @@ def build_encoder(config: ModelConfig, vocab_size: int, pad_token_id: int | None
                           config.projection_dim or hidden, config.user_tower_dropout)
     try:
         encoder = RecEncoder(adapted, hidden, config.pooling, config.projection_dim, config.user_projection, tower,
-                             config.normalize, split, num_items if config.id_embeddings else 0, config.shared_prefix)
+                             config.normalize, split, num_items if config.id_embeddings else 0, config.shared_prefix,
+                             config.repeat_score)
     except ValueError as err:
         raise UserError(f"model.trained_layers: {err}") from None
     for head in encoder.heads():

@@ -182,7 +182,8 @@ def _heads(encoder: RecEncoder) -> list[tuple[str, Any]]:
     """The encoder's small trained modules kept in HEAD_FILE (those it has), by their config names."""
     return [(name, head) for name, head in (("projection", encoder.projection),
                                             ("user_projection", encoder.user_projection),
-                                            ("id_embeddings", encoder.id_embeddings)) if head is not None]
+                                            ("id_embeddings", encoder.id_embeddings),
+                                            ("repeat_score", encoder.repeat_score)) if head is not None]
 
 
 def best_or_latest(run_dir: Path) -> Path | None:
