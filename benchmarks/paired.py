@@ -57,6 +57,15 @@ class Encoded:
     train_counts: torch.Tensor  # [N] each item's count as a training target
     target_buckets: list[int]  # the run's eval.target_buckets
     max_history: int  # the run's data.max_history: how many recent items a user embedding reads
+    repeat: float = 0.0  # the run's model.repeat_score on the items among a user's last max_history
+
+    def scores(self, begin: int, end: int) -> torch.Tensor:
+        """[end - begin, N] users begin..end-1 against every item, as evaluation ranks them."""
+        scores = self.users[begin:end].float() @ self.items.float().T
+        if self.repeat:
+            for row, history in enumerate(self.histories[begin:end]):
+                scores[row, sorted(set(history[-self.max_history:]))] += self.repeat
+        return scores
 
 
 def encode_run(run_dir: Path, split: str) -> Encoded:
@@ -81,8 +90,10 @@ def encode_run(run_dir: Path, split: str) -> Encoded:
     rows = load_split(config.data.dir, split)
     users, items = embed_users_and_items(model.encoder, inputs.collator, config, dist_state.device, rows["history"],
                                          evaluator.catalog_tokens(), True, evaluator.state_cache(model.encoder))
+    repeat = model.encoder.repeat_score
     return Encoded(path, users, items, rows["history"], torch.tensor(rows["target"], dtype=torch.long),
-                   inputs.collator.catalog.train_counts(), config.eval.target_buckets, config.data.max_history)
+                   inputs.collator.catalog.train_counts(), config.eval.target_buckets, config.data.max_history,
+                   0.0 if repeat is None else float(repeat().detach()))
 
 
 def rank(run: Encoded, k: int) -> Ranked:
@@ -92,7 +103,7 @@ def rank(run: Encoded, k: int) -> Ranked:
 
     kept, excluded = [], []
     for begin in range(0, len(run.targets), 1024):  # one block of scores at a time
-        scores = run.users[begin:begin + 1024].float() @ run.items.float().T
+        scores = run.scores(begin, begin + 1024)
         chunk = run.targets[begin:begin + 1024].to(scores.device)
         kept.append(target_ranks(scores, chunk).cpu())
         excluded.append(target_ranks(scores, chunk, run.histories[begin:begin + 1024]).cpu())

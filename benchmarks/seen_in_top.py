@@ -42,7 +42,7 @@ def main() -> None:
             sys.exit(f"seen_in_top.py: {error}")
         seen = last_in = older = 0
         for begin in range(0, len(run.targets), 1024):  # one block of scores at a time
-            top = (run.users[begin:begin + 1024].float() @ run.items.float().T).topk(args.k, dim=1).indices.tolist()
+            top = run.scores(begin, begin + 1024).topk(args.k, dim=1).indices.tolist()
             for history, chosen in zip(run.histories[begin:begin + 1024], top):
                 age = {item: len(history) - i for i, item in enumerate(history)}  # 1 = the most recent
                 ages = [age[item] for item in chosen if item in age]

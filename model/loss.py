@@ -402,6 +402,6 @@ def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates:
     scores = states @ candidates.T
     if seen is not None:
         assert repeat is not None, "seen items need the repeat score"
-        scores = scores.index_put(seen, repeat.to(scores.dtype).expand(len(seen[0])), accumulate=True)
+        scores.index_put_(seen, repeat.to(scores.dtype).expand(len(seen[0])), accumulate=True)  # the product is not saved
     logits = _masked(scores / temperature, ~first.unsqueeze(0))
     return global_mean(F.cross_entropy(logits, next_columns, reduction="sum"), len(next_columns), group)

@@ -109,7 +109,8 @@ class ModelConfig:
     repeat_score: bool = doc(False, "user_encoder=items: one learned number added to the score of each item the user "
                                     "already has among their last data.max_history (negative where people do not take "
                                     "an item twice, as films; positive where they do, as groceries); evaluation's "
-                                    "figures with it are beside the embeddings' alone (metrics.json: embeddings)")
+                                    "figures with it are beside the embeddings' alone (metrics.json: embeddings). "
+                                    "It is 10x its weight, so Adam moves it up to 10x train.lr a step (SGD: 100x)")
     init_from: str = doc("", "a checkpoint, or a run directory (its best validated checkpoint, else its newest), whose "
                              "trained weights start this run: projection, id table, user tower and adapter (not the "
                              "optimizer or the step). A LoRA stage (trained_layers >= 1) started from a frozen "
