@@ -146,6 +146,18 @@ def test_fused_ranking_equals_the_dense_sum(chunk: int, item_chunk: int, exclude
     assert got != rank_in_chunks(users, items, targets, exclude, [1, 2, 5])  # the bonus changed some rank
 
 
+def assert_each_ranks_as_dense(dense: dict[str, torch.Tensor], reported: dict[str, dict], targets: torch.Tensor,
+                               histories: list[list[int]]) -> None:
+    """Each reported ranking's means (history excluded, and kept under with_history) are those of
+    ranking its dense scores [users, items] directly (target_ranks, ks 1, 2, 5)."""
+    for name, scores in dense.items():
+        for view, exclude in (("excluded", histories), ("kept", None)):
+            expected = metric_sums(target_ranks(scores, targets, exclude), [1, 2, 5])
+            block = reported[name] if view == "excluded" else reported[name]["with_history"]
+            for key, total in expected.items():
+                assert block[key] == pytest.approx(total / len(targets), abs=1e-12), (name, view, key)
+
+
 @pytest.mark.parametrize("chunk, item_chunk", [(1, 1), (2, 4), (5, 7), (3, 2)])
 def test_one_pass_ranks_every_part_as_the_dense_scores_do(chunk: int, item_chunk: int) -> None:
     # rank_catalog(parts=True) ranks the fused scores, the encoder's and the prior's, each with
@@ -164,12 +176,7 @@ def test_one_pass_ranks_every_part_as_the_dense_scores_do(chunk: int, item_chunk
     prior[rows, cols] = values
     dense = {"fused": users @ items.T + prior, "encoder": users @ items.T, "transitions": prior}
     reported = {"fused": got, "encoder": got["encoder"], "transitions": got["transitions"]}
-    for name, scores in dense.items():
-        for view, exclude in (("excluded", histories), ("kept", None)):
-            expected = metric_sums(target_ranks(scores, targets, exclude), [1, 2, 5])
-            block = reported[name] if view == "excluded" else reported[name]["with_history"]
-            for key, total in expected.items():
-                assert block[key] == pytest.approx(total / 5, abs=1e-12), (name, view, key)
+    assert_each_ranks_as_dense(dense, reported, targets, histories)
     assert got["encoder"]["ndcg@5"] != got["transitions"]["ndcg@5"] != got["ndcg@5"]  # three different rankings
     assert got["ndcg@5"] != got["with_history"]["ndcg@5"]  # the exclusion mattered
 
@@ -205,12 +212,7 @@ def test_the_repeat_score_is_the_model_s_own_and_its_inner_products_rank_beside(
         dense.update(encoder=users @ items.T + windows, transitions=prior)
         reported.update(encoder=got["encoder"], transitions=got["transitions"])
     assert set(got) - set(reported) == {key for key in got if "@" in key} | {"with_history"}  # nothing else reported
-    for name, scores in dense.items():
-        for view, exclude in (("excluded", histories), ("kept", None)):
-            expected = metric_sums(target_ranks(scores, targets, exclude), [1, 2, 5])
-            block = reported[name] if view == "excluded" else reported[name]["with_history"]
-            for key, total in expected.items():
-                assert block[key] == pytest.approx(total / 5, abs=1e-12), (name, view, key)
+    assert_each_ranks_as_dense(dense, reported, targets, histories)
     assert got["with_history"] != got["embeddings"]["with_history"]  # the repeat score moved some rank
 
 

@@ -85,21 +85,26 @@ def test_the_repeat_score_is_added_to_the_seen_candidates_and_learns_from_them()
     assert repeat.grad is not None and float(repeat.grad) == pytest.approx(float(expected), abs=1e-6)
 
 
+def tiny_items(tmp: Path, layers: int = 1) -> list[str]:
+    """A tiny hierarchical-encoder run on 40 synthetic users (`layers` backbone layers)."""
+    return [
+        f"output_dir={tmp}/run", f"data.dir={tmp}/data", "device=cpu", "resume=never", "data.num_workers=0",
+        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
+        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
+        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+        "num_attention_heads: 2, num_key_value_heads: 2}",
+        f"model.architecture={{hidden_size: 16, intermediate_size: 32, num_hidden_layers: {layers}, "
+        "num_attention_heads: 2, num_key_value_heads: 2}", "prompt.max_item_tokens=8", "train.batch_size=6",
+        "train.max_steps=2", "train.warmup_steps=0"]
+
+
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from train.distributed import from_environment
     from train.loop.recipe import Trainer
 
     tmp = tmp_path_factory.mktemp("tower")
-    config = load_config(None, [
-        f"output_dir={tmp}/run", f"data.dir={tmp}/data", "device=cpu", "resume=never", "data.num_workers=0",
-        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
-        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
-        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-        "num_attention_heads: 2, num_key_value_heads: 2}",
-        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-        "num_key_value_heads: 2}", "prompt.max_item_tokens=8", "train.batch_size=6", "train.max_steps=2",
-        "train.warmup_steps=0"])
+    config = load_config(None, tiny_items(tmp))
     trainer = Trainer(config, from_environment("cpu"))
     trainer.setup()
     yield trainer
@@ -171,15 +176,7 @@ def test_id_embeddings_start_at_the_text_and_train_only_the_items_seen(tmp_path:
     from train.distributed import from_environment
     from train.loop.recipe import Trainer
 
-    overrides = [
-        f"output_dir={tmp_path}/run", f"data.dir={tmp_path}/data", "device=cpu", "resume=never", "data.num_workers=0",
-        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
-        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
-        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-        "num_attention_heads: 2, num_key_value_heads: 2}",
-        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
-        "num_key_value_heads: 2}", "model.trained_layers=1", "prompt.max_item_tokens=8", "train.batch_size=3",
-        "train.max_steps=2", "train.warmup_steps=0"]
+    overrides = [*tiny_items(tmp_path, layers=2), "model.trained_layers=1", "train.batch_size=3"]
     with_ids = Trainer(load_config(None, [*overrides, "model.id_embeddings=true"]), from_environment("cpu"))
     without = Trainer(load_config(None, [*overrides, f"output_dir={tmp_path}/run-without"]), from_environment("cpu"))
     try:
@@ -252,15 +249,7 @@ def test_the_repeat_score_trains_is_checkpointed_and_ranked(tmp_path: Path) -> N
     from train.loop.recipe import Trainer
     from train.modeling import checkpoint
 
-    overrides = [
-        f"output_dir={tmp_path}/run", f"data.dir={tmp_path}/data", "device=cpu", "resume=never", "data.num_workers=0",
-        "data.synthetic={num_users: 40, num_items: 30, num_categories: 3, num_brands: 3, min_length: 4, max_length: 7}",
-        "model.tokenizer_vocab_size=200", "model.projection_dim=8", "model.user_encoder=items",
-        "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-        "num_attention_heads: 2, num_key_value_heads: 2}",
-        "model.architecture={hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-        "num_key_value_heads: 2}", "prompt.max_item_tokens=8", "train.batch_size=6", "train.max_steps=2",
-        "train.warmup_steps=0", "train.lr=0.05", "model.repeat_score=true"]
+    overrides = [*tiny_items(tmp_path), "train.lr=0.05", "model.repeat_score=true"]
     trainer = Trainer(load_config(None, overrides), from_environment("cpu"))
     plain = Trainer(load_config(None, [*overrides, f"output_dir={tmp_path}/plain", "model.repeat_score=false"]),
                     from_environment("cpu"))
