@@ -71,7 +71,7 @@ BACKBONES = {  # config, overrides, default warm-up and timed steps
     "debug": ("configs/debug.yaml", [], 3, 20),
     # office-llm's data, users as text this time: LoRA on every layer, cosine scores, in-batch negatives.
     # Users cut at --user-tokens (128 keeps a step near 9 s on 2 quiet cores; users hold 50 items).
-    "smollm2": ("configs/office-llm.yaml", ["model.trained_layers=-1", "model.id_embeddings=false",
+    "smollm2": ("configs/office-llm.yaml", ["model.trained_layers=-1", "model.id_embeddings=false", "model.repeat_score=false",
                                             "model.normalize=true", "loss.temperature=0.05", "loss.negatives=batch",
                                             "train.batch_size=16"], 3, 3),
 }
