@@ -137,7 +137,9 @@ def test_a_compiled_backbone_trains_as_the_eager_one(tmp_path: Path) -> None:
     runs = {flag: train_on_fixed_batches(0, 1, str(tmp_path), [("plain", -1)], (f"train.compile={flag}",))["plain-1"]
             for flag in ("false", "true")}
     (eager_losses, eager_weights), (losses, weights) = runs["false"], runs["true"]
-    assert losses == pytest.approx(eager_losses, abs=1e-5)
+    # Relative: compiled kernels reorder float sums, and two SGD steps at lr 0.5 carry that into
+    # the third loss (3.42086 against 3.42085 on an AVX2 CPU: 3e-6 of it).
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-5)
     assert set(weights) == set(eager_weights)
     for name, ref in eager_weights.items():
         assert torch.allclose(weights[name], ref, rtol=1e-4, atol=2e-5), name
