@@ -61,10 +61,12 @@ class Encoded:
 
     def scores(self, begin: int, end: int) -> torch.Tensor:
         """[end - begin, N] users begin..end-1 against every item, as evaluation ranks them."""
+        from train.evaluation.evaluate import repeat_bonus
+
         scores = self.users[begin:end].float() @ self.items.float().T
-        if self.repeat:
-            for row, history in enumerate(self.histories[begin:end]):
-                scores[row, sorted(set(history[-self.max_history:]))] += self.repeat
+        if self.repeat:  # the same window and value evaluation adds
+            rows, items, values = repeat_bonus(self.histories, self.max_history, self.repeat)(begin, end)
+            scores.index_put_((rows, items), values, accumulate=True)
         return scores
 
 
