@@ -1,9 +1,11 @@
-"""Shared fixtures: small hand-written raw datasets in every input format."""
+"""Shared fixtures: small hand-written raw datasets in every input format; the cores shared between
+pytest-xdist workers."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`-n 2`), each worker and every process it starts gets its share of the
+    cores: a worker's default of one thread per core, twice over, makes the OpenMP threads spin
+    against each other, slower than one worker alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
 
 # MovieLens 100K as RecBole atomic files, read by path beside the project (never copied in).
 ML_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
