@@ -23,9 +23,9 @@ def _share_the_cores_between_workers() -> None:
     if workers > 1:
         import torch
 
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        torch.set_num_threads(threads)
+        # A choice already made (OMP_NUM_THREADS) holds here as in the processes a test starts.
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", str(share))))
 
 
 _share_the_cores_between_workers()
