@@ -386,6 +386,26 @@ def candidate_columns(ids: torch.Tensor, candidate_ids: torch.Tensor, first: tor
     return columns[order[found]].view(ids.shape)
 
 
+def table_candidates(table: torch.Tensor, live: torch.Tensor, live_ids: torch.Tensor, first: torch.Tensor,
+                     held_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole catalog as the hierarchical objective's candidates, from a table
+    (loss.catalog_table): (embeddings [N, D], ids [N], first [N]) in `distinct_items`' form.
+
+    `table` [N, D] is every item's embedding from the last refresh (the same on every rank);
+    `live` the global batch's items encoded now (`distinct_items`). Every row's value is the
+    table's, so the loss sees one consistent item space (a fresh row among stale ones could win
+    just by being fresh, as `catalog_loss` says); a batch item's row adds `live - live`, zero,
+    which passes its gradient on to the live encoding (straight-through). When the table was
+    refreshed with the current weights this is the live catalog's loss, and its gradient less
+    what the other items' rows would carry. `held_out` [N] (data.cold_items): no candidate."""
+    rows = first.nonzero().squeeze(1)
+    fresh = live[rows]
+    full = table.to(device=live.device, dtype=live.dtype).index_add(0, live_ids[rows], fresh - fresh.detach())
+    ids = torch.arange(len(table), device=live.device)
+    keep = torch.ones_like(ids, dtype=torch.bool) if held_out is None else ~held_out.to(live.device)
+    return full, ids, keep
+
+
 def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor, *,
                    temperature: float | torch.Tensor, group: dist.ProcessGroup | None = None,
                    seen: tuple[torch.Tensor, torch.Tensor] | None = None,

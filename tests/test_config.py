@@ -137,6 +137,8 @@ def test_override_below_a_scalar_is_rejected() -> None:
     ("loss.temperature=0", "loss.temperature: must be > 0"),
     ("loss.negatives=all", "loss.negatives: must be one of batch, catalog, batch+catalog (got 'all')"),
     ("loss.catalog_refresh_every=0", "loss.catalog_refresh_every: must be >= 1"),
+    ("loss.catalog_table=true", "loss.catalog_table: applies to model.user_encoder=items"),
+    (["loss.catalog_table=true", "model.user_encoder=items"], "loss.catalog_table: needs loss.negatives=catalog"),
     ("loss.history_negatives=-1", "loss.history_negatives: must be >= 0"),
     ("loss.uniformity=-0.5", "loss.uniformity: must be >= 0"),
     ("model.user_projection=true", "model.user_projection: needs model.projection_dim > 0"),

@@ -48,6 +48,9 @@ ITEMS = ("model.user_encoder=items", "model.user_tower_dropout=0",
 CACHED = (*ITEMS, "model.id_embeddings=true", "model.repeat_score=true", "train.lr=0.05", "loss.negatives=catalog",
           "data.cold_items=0.2", "model.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
           "num_attention_heads: 2, num_key_value_heads: 2}", "model.trained_layers=1")
+# ... with the catalog read from the table (loss.catalog_table), re-encoded at steps 0 and 2: step 1
+# reads it stale, and every rank must hold the same table.
+TABLE = (*CACHED, "loss.catalog_table=true", "loss.catalog_refresh_every=2")
 
 
 def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]],
@@ -89,8 +92,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("extra, engines", [((), ENGINES), (ITEMS, [("ddp", -1), ("accelerate", -1), ("deepspeed", 3)]),
-                                            (CACHED, [("ddp", -1), ("deepspeed", 3)])],
-                         ids=["text", "items", "items-cached"])
+                                            (CACHED, [("ddp", -1), ("deepspeed", 3)]),
+                                            (TABLE, [("ddp", -1), ("deepspeed", 3)])],
+                         ids=["text", "items", "items-cached", "items-table"])
 def test_engines_at_two_ranks_match_one_rank(workdir: Path, extra: tuple[str, ...], engines: list) -> None:
     (reference,) = run_ranks(train_on_fixed_batches, 1, str(workdir), [("plain", -1)], extra)
     ref_losses, ref_weights = reference["plain-1"]

@@ -164,6 +164,21 @@ def test_cached_gradients_equal_uncached(workdir: Path, world_size: int, extra: 
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
+def test_a_catalog_table_caches(workdir: Path, world_size: int) -> None:
+    """loss.catalog_table: the batch's items are chunked and replayed, the rest of the catalog read
+    from the table; the gradient is the uncached step's."""
+    engines = [("plain", -1)] if world_size == 1 else [("ddp", -1), ("deepspeed", 3)]
+    results = run_ranks(gradients, world_size, str(workdir), engines, [(), *CACHED],
+                        (*CATALOG_ITEMS, "loss.catalog_table=true"), timeout=900)
+    for engine, stage in engines:
+        key = f"{engine}{stage}"
+        for setting in CACHED:
+            assert_same(results[0][(key, setting)], results[0][(key, ())], (key, setting))
+            if world_size > 1:
+                assert_same(results[1][(key, setting)], results[0][(key, setting)], (key, setting, "rank 1"))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("extra", [DROPOUT_TEXT, DROPOUT_ITEMS], ids=["text", "items"])
 def test_dropout_replays_identically(workdir: Path, world_size: int, extra: tuple[str, ...]) -> None:
     engines = [("plain", -1)] if world_size == 1 else [("ddp", -1), ("deepspeed", 3)]

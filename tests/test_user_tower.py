@@ -241,6 +241,54 @@ def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # typ
     assert embedded.next_columns.tolist() == next_ids[next_ids >= 0].tolist()
 
 
+def test_the_catalog_table_is_the_live_catalog_less_the_other_items_gradients(trainer) -> None:  # type: ignore[no-untyped-def]
+    """loss.catalog_table: refreshed with the current weights, the table gives the live catalog's
+    loss, and the gradient the live catalog gives when only the batch's items keep theirs (the
+    rest detached); the table is re-encoded every catalog_refresh_every steps and not between."""
+    from train.data.stream import read_shard
+    from train.evaluation.encode import eval_mode
+    from train.loop.step import TrainStep
+
+    shard = Path(trainer.config.data.dir) / trainer.inputs.manifest["shards"][0]["name"]
+    batch = trainer.collator(list(read_shard(str(shard)))[:6])
+    catalog = dataclasses.replace(trainer.config.loss, negatives="catalog", catalog_refresh_every=3)
+    live, table = (TrainStep(dataclasses.replace(trainer.config, loss=dataclasses.replace(catalog, catalog_table=flag)),
+                             trainer.model, trainer.engine, trainer.collator, trainer.inputs.token_items,
+                             torch.device("cpu"), 1, trainer.evaluator.catalog_tokens) for flag in (False, True))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    in_batch = torch.zeros(len(trainer.collator.catalog), dtype=torch.bool)
+    in_batch[batch["batch_item_ids"]] = True
+    assert not bool(in_batch.all()), "some items must be outside the batch"
+
+    def loss_and_gradients(stepper: TrainStep, others_detached: bool) -> tuple[float, list[torch.Tensor]]:
+        embedded = stepper.embed(batch)
+        if others_detached:
+            candidates = torch.where(in_batch[:, None], embedded.candidates, embedded.candidates.detach())
+            embedded = dataclasses.replace(embedded, candidates=candidates)
+        loss = stepper.loss(embedded, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    with eval_mode(trainer.model):  # no dropout: the table is encoded without it
+        table.refresh_catalog(0)
+        assert table.local_item_ids(batch).tolist() == batch["batch_item_ids"].tolist()  # encodes the batch only
+        got, got_grads = loss_and_gradients(table, False)
+        whole, whole_grads = loss_and_gradients(live, False)
+        ref, ref_grads = loss_and_gradients(live, True)
+    assert got == pytest.approx(ref, abs=1e-5) and ref == whole
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ref_grads, whole_grads)), \
+        "the other items' rows must carry some gradient in the live catalog"
+    for param, grad, expected in zip(params, got_grads, ref_grads):
+        assert torch.allclose(grad, expected, atol=1e-5), (param.shape, float((grad - expected).abs().max()))
+    # Stale between refreshes: steps 1 and 2 read the table of step 0, step 3 re-encodes it.
+    first = table.catalog_embeddings
+    for step in (1, 2):
+        table(batch, step)
+        assert table.catalog_embeddings is first
+    table(batch, 3)
+    assert table.catalog_embeddings is not None and not torch.allclose(table.catalog_embeddings, first)
+
+
 def test_the_repeat_score_trains_is_checkpointed_and_ranked(tmp_path: Path) -> None:
     """model.repeat_score: a step moves it (from 0); a checkpoint keeps it; evaluation ranks with
     it and reports the inner products alone beside ("embeddings"), which it does not touch."""

@@ -238,8 +238,17 @@ class LossConfig:
     negatives: str = doc("batch", "batch (the global batch's items) | catalog (softmax over every item, embeddings "
                                   "refreshed every catalog_refresh_every steps; catalogs up to ~1e5 items; with "
                                   "model.user_encoder=items every item is encoded live at each step instead, cheap "
-                                  "with model.trained_layers) | batch+catalog (the mean of both)")
-    catalog_refresh_every: int = doc(25, "catalog negatives or history_positions: steps between re-encoding the catalog")
+                                  "with model.trained_layers=0, or read from the table: catalog_table) | "
+                                  "batch+catalog (the mean of both)")
+    catalog_refresh_every: int = doc(25, "catalog negatives (text users, or catalog_table) or history_positions: steps "
+                                         "between re-encoding the catalog")
+    catalog_table: bool = doc(False, "model.user_encoder=items with negatives=catalog: score against a table of every "
+                                     "item's embedding, re-encoded (no grad) every catalog_refresh_every steps and so "
+                                     "stale by at most that many, instead of encoding the whole catalog live at each "
+                                     "step. The batch's own items are still encoded live and carry the gradient into "
+                                     "the backbone, taken at the table's values (the loss never sees fresh and stale "
+                                     "rows side by side); the other items get none that step. For a LoRA stage "
+                                     "(model.trained_layers != 0), where every live item costs the trained layers")
     history_positions: float = doc(0.0, "weight of next-item prediction at every history item of the user prompt "
                                         "(SASRec's training signal: one forward, a softmax over the catalog at each "
                                         "position; needs model.item_tokens and last pooling); 0 = off")
@@ -364,8 +373,12 @@ class Config:
             lc, defaults = self.loss, LossConfig()
             check(lc.negatives in ("batch", "catalog"), "loss.negatives",
                   "with model.user_encoder=items: batch (the global batch's distinct items) or catalog (every "
-                  "item, encoded live at each step)")
+                  "item)")
+            check(not lc.catalog_table or lc.negatives == "catalog", "loss.catalog_table", "needs loss.negatives=catalog")
             for key in ("kind", "history_positions", "history_negatives", "user_cl_weight", "logq",
                         "uniformity"):
                 check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",
                        f"applies to model.user_encoder=text, not items (leave it at {getattr(defaults, key)!r})")
+        else:
+            check(not self.loss.catalog_table, "loss.catalog_table", "applies to model.user_encoder=items (text users' "
+                  "catalog negatives always come from the table)")

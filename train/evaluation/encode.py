@@ -3,7 +3,7 @@ by length, rows split over the processes and gathered on every one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,10 +31,14 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list[int]], batch_size: int,
            device: torch.device, desc: str, show_progress: bool, user: bool = False,
-           cache: StateCache | None = None, item_ids: list[int] | None = None) -> torch.Tensor:
+           cache: StateCache | None = None, item_ids: list[int] | None = None,
+           forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Embeddings of token lists (users' prompts when `user`), in their order; batches are formed
     by length to spare padding. Items are catalog items `item_ids` (one per token list); with
-    `cache` they start from their cached lower-layer states instead of their tokens."""
+    `cache` they start from their cached lower-layer states instead of their tokens. `forward`:
+    the training engine's (its precision, and its way to reach ZeRO-3's partitioned weights)
+    instead of the encoder's own."""
+    forward = forward or encoder
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out: torch.Tensor | None = None
     for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
@@ -43,10 +47,10 @@ def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list
         if cache is not None:
             assert items is not None
             states, mask = cache.batch(items, collator.padding_side, device)
-            vectors = encoder(None, mask, lower_states=states, item_ids=items.to(device)).float()
+            vectors = forward(None, mask, lower_states=states, item_ids=items.to(device)).float()
         else:
             ids, mask = collator.pad([token_lists[i] for i in rows])
-            vectors = encoder(ids.to(device), mask.to(device), user=user,
+            vectors = forward(ids.to(device), mask.to(device), user=user,
                               item_ids=None if items is None else items.to(device)).float()
         if out is None:
             out = torch.empty(len(order), vectors.shape[1], device=device)
@@ -57,12 +61,13 @@ def encode(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list
 
 def encode_sharded(encoder: RecEncoder, collator: PromptCollator, token_lists: list[list[int]], batch_size: int,
                    device: torch.device, desc: str, show_progress: bool, user: bool = False,
-                   cache: StateCache | None = None) -> torch.Tensor:
+                   cache: StateCache | None = None, forward: Callable[..., torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """`encode` with the rows split over the processes (even_share) and gathered on every one.
     Unless `user`, the token lists are the catalog's, item i's at index i."""
     rows = even_share(len(token_lists))
     local = encode(encoder, collator, [token_lists[i] for i in rows], batch_size, device, desc, show_progress, user,
-                   cache, None if user else rows)
+                   cache, None if user else rows, forward)
     return gather_no_grad(local.contiguous())[:len(token_lists)].cpu()
 
 

@@ -145,7 +145,7 @@ class CachedStep(TrainStep):
         items = Chunked(lambda rows: self.encode_items(batch, ids, rows), len(ids), self.chunk, self.device,
                         self.agreed_chunks(len(ids)))
         (local,) = items.without_graph()
-        candidates, candidate_ids, first = distinct_items(local, ids)
+        candidates, candidate_ids, first = self.candidates(*distinct_items(local, ids))
         tower_inputs = candidates.detach().requires_grad_()
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         columns = candidate_columns(sequence, candidate_ids, first)

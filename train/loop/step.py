@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.layer_cache import StateCache
-from model.loss import candidate_columns, distinct_items, next_item_positions
+from model.loss import candidate_columns, distinct_items, next_item_positions, table_candidates
 from model.rec_model import RecModel
 from model.unpadded import shared_prefix
 from model.user_tower import seen_so_far, sequence_inputs
@@ -84,12 +84,15 @@ class TrainStep:
         # that pushed them down at every step would teach the model to rank their text low.
         cold = cold_items(len(collator.catalog), config.data.cold_items, config.seed)
         self.held_out = None if cold is None else torch.from_numpy(cold).to(device)
-        # loss.negatives=catalog with items: this rank's share of the catalog, encoded at every step.
+        # loss.negatives=catalog with items: this rank's share of the catalog, encoded at every step,
+        # unless the catalog is read from the table (loss.catalog_table).
+        self.catalog_table = self.items_mode and config.loss.catalog_table
         self.catalog_share: torch.Tensor | None = None
-        if self.items_mode and config.loss.negatives == "catalog":
+        if self.items_mode and config.loss.negatives == "catalog" and not self.catalog_table:
             candidates = torch.arange(len(collator.catalog)) if cold is None else torch.from_numpy(np.flatnonzero(~cold))
             self.catalog_share = candidates[even_share(len(candidates))].to(device)
-        # Every item's embedding (no grad) for catalog negatives and history positions.
+        # Every item's embedding (no grad) for catalog negatives and history positions, or the
+        # table of loss.catalog_table.
         self.catalog_embeddings: torch.Tensor | None = None
         self.skipped = False  # this step's update is left out (a non-finite loss or gradient)
         # Whether this rank was asked to stop (the loop's StopGuard): decided with the step's
@@ -154,15 +157,26 @@ class TrainStep:
         every rank; users are the user tower over their items' rows of that gathered matrix, so a
         history item's gradient reaches its one encoding wherever it was encoded. With
         loss.negatives=catalog the candidates are every catalog item instead, each rank encoding
-        its share of the catalog live (SASRec's full softmax, no stale rows)."""
+        its share of the catalog live (SASRec's full softmax, no stale rows), or with
+        loss.catalog_table from the table (`candidates`)."""
         ids = self.local_item_ids(batch)
-        candidates, candidate_ids, first = distinct_items(self.encode_items(batch, ids), ids)
+        candidates, candidate_ids, first = self.candidates(*distinct_items(self.encode_items(batch, ids), ids))
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         columns = candidate_columns(sequence, candidate_ids, first)
         _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=candidates[columns])
         known = next_ids >= 0
         return SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
                                   candidates, first, self.seen(columns, mask, known))
+
+    def candidates(self, items: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's candidates from the items every rank encoded (`distinct_items`' triple):
+        those items, or with loss.catalog_table the whole catalog at the table's values, the
+        batch's items carrying their live encodings' gradient (model.loss.table_candidates)."""
+        if not self.catalog_table:
+            return items, ids, first
+        assert self.catalog_embeddings is not None, "refresh_catalog fills the table before the first step"
+        return table_candidates(self.catalog_embeddings, items, ids, first, self.held_out)
 
     def seen(self, columns: torch.Tensor, mask: torch.Tensor, known: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -222,11 +236,15 @@ class TrainStep:
         catalog_loss says why the positive is stale too)."""
         stale = self.catalog_embeddings is None or step % self.config.loss.catalog_refresh_every == 0
         # The hierarchical step encodes its candidates itself (live, the whole catalog with
-        # loss.negatives=catalog); a stale copy would go unread.
-        if self.items_mode or not self.model.objective.needs_catalog or not stale:
+        # loss.negatives=catalog) unless it reads them from the table; a stale copy would go unread.
+        needed = self.catalog_table if self.items_mode else self.model.objective.needs_catalog
+        if not needed or not stale:
             return
         encoder = self.model.encoder
+        # Through the engine's forward, as the step's live rows (its precision; ZeRO-3 gathers the
+        # weights there), from the cached lower-layer states with model.trained_layers.
         with eval_mode(encoder):
             self.catalog_embeddings = encode_sharded(encoder, self.collator, self.catalog_tokens(),
                                                      self.config.eval.batch_size, self.device, "encode catalog",
-                                                     False).to(self.device)
+                                                     False, cache=self.state_cache,
+                                                     forward=self.engine.forward).to(self.device)
