@@ -387,23 +387,28 @@ def candidate_columns(ids: torch.Tensor, candidate_ids: torch.Tensor, first: tor
 
 
 def table_candidates(table: torch.Tensor, live: torch.Tensor, live_ids: torch.Tensor, first: torch.Tensor,
-                     held_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole catalog as the hierarchical objective's candidates, from a table
-    (loss.catalog_table): (embeddings [N, D], ids [N], first [N]) in `distinct_items`' form.
+                     held_out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole catalog from a table (loss.catalog_table), for the hierarchical objective:
+    (what the user tower reads [N, D], the candidates [N, D], ids [N], first [N]), the last
+    three in `distinct_items`' form.
 
     `table` [N, D] is every item's embedding from the last refresh (the same on every rank);
-    `live` the global batch's items encoded now (`distinct_items`). Every row's value is the
-    table's, so the loss sees one consistent item space (a fresh row among stale ones could win
-    just by being fresh, as `catalog_loss` says); a batch item's row adds `live - live`, zero,
-    which passes its gradient on to the live encoding (straight-through). When the table was
-    refreshed with the current weights this is the live catalog's loss, and its gradient less
-    what the other items' rows would carry. `held_out` [N] (data.cold_items): no candidate."""
+    `live` the global batch's items encoded now, with their graphs (`distinct_items`). The user
+    tower reads the live rows, so the backbone's gradient comes through the items of the users'
+    histories, and each step sees what the previous ones changed there. The candidates are the
+    table alone, without gradient, as `catalog_loss` scores text users: every candidate from the
+    same pass, so no row can win by being fresher than the others, and no gradient pushes up the
+    batch's items (positives among them) without the rest of the catalog's pushing it down, which
+    through the shared backbone would lift every item. When the table was refreshed with the
+    current weights this is the live catalog's loss, and its gradient through the users' side.
+    `held_out` [N] (data.cold_items): no candidate."""
     rows = first.nonzero().squeeze(1)
-    fresh = live[rows]
-    full = table.to(device=live.device, dtype=live.dtype).index_add(0, live_ids[rows], fresh - fresh.detach())
+    table = table.to(device=live.device, dtype=live.dtype)
+    read = table.index_copy(0, live_ids[rows], live[rows])
     ids = torch.arange(len(table), device=live.device)
     keep = torch.ones_like(ids, dtype=torch.bool) if held_out is None else ~held_out.to(live.device)
-    return full, ids, keep
+    return read, table, ids, keep
 
 
 def next_item_loss(states: torch.Tensor, next_columns: torch.Tensor, candidates: torch.Tensor, first: torch.Tensor, *,

@@ -241,10 +241,11 @@ def test_catalog_candidates_are_every_item_encoded_live(trainer) -> None:  # typ
     assert embedded.next_columns.tolist() == next_ids[next_ids >= 0].tolist()
 
 
-def test_the_catalog_table_is_the_live_catalog_less_the_other_items_gradients(trainer) -> None:  # type: ignore[no-untyped-def]
+def test_the_catalog_table_is_the_live_catalog_with_the_gradient_through_the_users(trainer) -> None:  # type: ignore[no-untyped-def]
     """loss.catalog_table: refreshed with the current weights, the table gives the live catalog's
-    loss, and the gradient the live catalog gives when only the batch's items keep theirs (the
-    rest detached); the table is re-encoded every catalog_refresh_every steps and not between."""
+    loss, and the gradient the live catalog gives through the users' side alone (the candidates
+    detached, what the tower reads live); between refreshes (every catalog_refresh_every steps)
+    the tower reads the batch's items fresh and the candidates are as the last refresh left them."""
     from train.data.stream import read_shard
     from train.evaluation.encode import eval_mode
     from train.loop.step import TrainStep
@@ -256,15 +257,11 @@ def test_the_catalog_table_is_the_live_catalog_less_the_other_items_gradients(tr
                              trainer.model, trainer.engine, trainer.collator, trainer.inputs.token_items,
                              torch.device("cpu"), 1, trainer.evaluator.catalog_tokens) for flag in (False, True))
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    in_batch = torch.zeros(len(trainer.collator.catalog), dtype=torch.bool)
-    in_batch[batch["batch_item_ids"]] = True
-    assert not bool(in_batch.all()), "some items must be outside the batch"
 
-    def loss_and_gradients(stepper: TrainStep, others_detached: bool) -> tuple[float, list[torch.Tensor]]:
+    def loss_and_gradients(stepper: TrainStep, candidates_detached: bool) -> tuple[float, list[torch.Tensor]]:
         embedded = stepper.embed(batch)
-        if others_detached:
-            candidates = torch.where(in_batch[:, None], embedded.candidates, embedded.candidates.detach())
-            embedded = dataclasses.replace(embedded, candidates=candidates)
+        if candidates_detached:
+            embedded = dataclasses.replace(embedded, candidates=embedded.candidates.detach())
         loss = stepper.loss(embedded, batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return float(loss.detach()), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -277,14 +274,23 @@ def test_the_catalog_table_is_the_live_catalog_less_the_other_items_gradients(tr
         ref, ref_grads = loss_and_gradients(live, True)
     assert got == pytest.approx(ref, abs=1e-5) and ref == whole
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(ref_grads, whole_grads)), \
-        "the other items' rows must carry some gradient in the live catalog"
+        "the candidates must carry some gradient in the live catalog"
+    assert any(float(g.abs().max()) > 1e-4 for g in got_grads)
     for param, grad, expected in zip(params, got_grads, ref_grads):
         assert torch.allclose(grad, expected, atol=1e-5), (param.shape, float((grad - expected).abs().max()))
-    # Stale between refreshes: steps 1 and 2 read the table of step 0, step 3 re-encodes it.
+    # Stale between refreshes: steps 1 and 2 score against the table of step 0, the tower reads
+    # the batch's items as they are now; step 3 re-encodes the table.
     first = table.catalog_embeddings
+    assert first is not None
     for step in (1, 2):
         table(batch, step)
         assert table.catalog_embeddings is first
+    with eval_mode(trainer.model), torch.no_grad():
+        ids = batch["batch_item_ids"]
+        read, candidates, _, _ = table.candidates(table.encode_items(batch, ids), ids, torch.ones_like(ids, dtype=torch.bool))
+        fresh = live.embed(batch).candidates
+    assert torch.equal(candidates, first) and not torch.allclose(fresh[ids], first[ids])
+    assert torch.allclose(read[ids], fresh[ids], atol=1e-6)
     table(batch, 3)
     assert table.catalog_embeddings is not None and not torch.allclose(table.catalog_embeddings, first)
 

@@ -242,13 +242,13 @@ class LossConfig:
                                   "batch+catalog (the mean of both)")
     catalog_refresh_every: int = doc(25, "catalog negatives (text users, or catalog_table) or history_positions: steps "
                                          "between re-encoding the catalog")
-    catalog_table: bool = doc(False, "model.user_encoder=items with negatives=catalog: score against a table of every "
-                                     "item's embedding, re-encoded (no grad) every catalog_refresh_every steps and so "
-                                     "stale by at most that many, instead of encoding the whole catalog live at each "
-                                     "step. The batch's own items are still encoded live and carry the gradient into "
-                                     "the backbone, taken at the table's values (the loss never sees fresh and stale "
-                                     "rows side by side); the other items get none that step. For a LoRA stage "
-                                     "(model.trained_layers != 0), where every live item costs the trained layers")
+    catalog_table: bool = doc(False, "model.user_encoder=items with negatives=catalog: the candidates are a table of "
+                                     "every item's embedding, re-encoded (no grad) every catalog_refresh_every steps "
+                                     "and so stale by at most that many, instead of the whole catalog encoded live at "
+                                     "each step; the batch's items are encoded live for the user tower, and the "
+                                     "backbone learns through them (as text users' catalog negatives: the gradient "
+                                     "reaches the users' side only). For a LoRA stage (model.trained_layers != 0), "
+                                     "where every live item costs the trained layers")
     history_positions: float = doc(0.0, "weight of next-item prediction at every history item of the user prompt "
                                         "(SASRec's training signal: one forward, a softmax over the catalog at each "
                                         "position; needs model.item_tokens and last pooling); 0 = off")

@@ -145,8 +145,8 @@ class CachedStep(TrainStep):
         items = Chunked(lambda rows: self.encode_items(batch, ids, rows), len(ids), self.chunk, self.device,
                         self.agreed_chunks(len(ids)))
         (local,) = items.without_graph()
-        candidates, candidate_ids, first = self.candidates(*distinct_items(local, ids))
-        tower_inputs = candidates.detach().requires_grad_()
+        read, candidates, candidate_ids, first = self.candidates(*distinct_items(local, ids))
+        tower_inputs = read.detach().requires_grad_()
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         columns = candidate_columns(sequence, candidate_ids, first)
         users = Chunked(lambda rows: self.engine.forward(None, mask[rows], every_position=True, user=True,
@@ -154,8 +154,11 @@ class CachedStep(TrainStep):
                         len(sequence), self.chunk, self.device)
         (states,) = users.without_graph()
         known = next_ids >= 0
+        # The candidates are what the tower reads (their gradient joins the tower's below), or
+        # the table, which takes none (loss.catalog_table).
         embeddings = SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
-                                        tower_inputs, first, self.seen(columns, mask, known))
+                                        tower_inputs if candidates is read else candidates, first,
+                                        self.seen(columns, mask, known))
         loss = self.loss(embeddings, batch)
         if self.nonfinite_anywhere(loss):
             return loss
@@ -165,7 +168,7 @@ class CachedStep(TrainStep):
             assert tower_inputs.grad is not None
             if candidates_grad is not None:
                 tower_inputs.grad += candidates_grad
-            (local_grad,) = torch.autograd.grad(candidates, local, tower_inputs.grad)
+            (local_grad,) = torch.autograd.grad(read, local, tower_inputs.grad)
             items.replay([local_grad], self.engine, final=True, extra=extra)
         return loss
 

@@ -158,23 +158,23 @@ class TrainStep:
         history item's gradient reaches its one encoding wherever it was encoded. With
         loss.negatives=catalog the candidates are every catalog item instead, each rank encoding
         its share of the catalog live (SASRec's full softmax, no stale rows), or with
-        loss.catalog_table from the table (`candidates`)."""
+        loss.catalog_table the candidates from the table (`candidates`)."""
         ids = self.local_item_ids(batch)
-        candidates, candidate_ids, first = self.candidates(*distinct_items(self.encode_items(batch, ids), ids))
+        read, candidates, candidate_ids, first = self.candidates(*distinct_items(self.encode_items(batch, ids), ids))
         sequence, mask, next_ids = sequence_inputs(batch["history_ids"], batch["item_ids"])
         columns = candidate_columns(sequence, candidate_ids, first)
-        _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=candidates[columns])
+        _, states = self.engine.forward(None, mask, every_position=True, user=True, item_sequence=read[columns])
         known = next_ids >= 0
         return SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
                                   candidates, first, self.seen(columns, mask, known))
 
     def candidates(self, items: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's candidates from the items every rank encoded (`distinct_items`' triple):
-        those items, or with loss.catalog_table the whole catalog at the table's values, the
-        batch's items carrying their live encodings' gradient (model.loss.table_candidates)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the user tower reads and the step's candidates, from the items every rank encoded
+        (`distinct_items`' triple): those items for both, or with loss.catalog_table the live
+        items for the tower and the table for the candidates (model.loss.table_candidates)."""
         if not self.catalog_table:
-            return items, ids, first
+            return items, items, ids, first
         assert self.catalog_embeddings is not None, "refresh_catalog fills the table before the first step"
         return table_candidates(self.catalog_embeddings, items, ids, first, self.held_out)
 
