@@ -46,7 +46,7 @@ class SequenceEmbeddings:
 
     states: torch.Tensor  # [P, D] the tower's state at each position whose next item is known
     next_columns: torch.Tensor  # [P] each position's next item, as a column of `candidates`
-    candidates: torch.Tensor  # [C, D] every rank's distinct items, gathered with gradients
+    candidates: torch.Tensor  # [C, D] every rank's distinct items, gathered with gradients (or the table)
     first: torch.Tensor  # [C] whether a row is its id's first (the one that counts)
     seen: tuple[torch.Tensor, torch.Tensor] | None = None  # (position, column) pairs a user has (model.repeat_score)
 
