@@ -125,7 +125,7 @@ def main() -> None:
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     base_name = next((n for n in ("all layers", "all layers + table") if isinstance(results.get(n), dict)), None)
-    base = results[base_name] if base_name else None
+    base = results[base_name] if base_name else None  # a dict: base_name ran
     print(f"\ncommand: (cd {ROOT.name} && python benchmarks/llm_step.py --config {args.config} --steps {args.steps} "
           f"--batch {args.batch}{' --variants ' + shlex.quote(args.variants) if args.variants else ''} "
           f"{' '.join(shlex.quote(o) for o in args.overrides)})".rstrip())
@@ -138,7 +138,7 @@ def main() -> None:
         if isinstance(r, str):
             print(f"{name:<{width}}  {r}")
             continue
-        speedup = f"{base['amortised_s'] / r['amortised_s']:>9.1f}x" if isinstance(base, dict) else f"{'-':>10}"
+        speedup = f"{base['amortised_s'] / r['amortised_s']:>9.1f}x" if base else f"{'-':>10}"
         refresh = f"{r['refresh_s']:>11.1f}" if r["refresh_s"] else f"{'-':>11}"
         print(f"{name:<{width}}{r['setup_s']:>11.1f}{r['step_s']:>9.2f}{refresh}{speedup}{r['items']:>12.0f}"
               f"{r['peak_rss_mb']:>13.0f}")

@@ -157,7 +157,7 @@ class CachedStep(TrainStep):
         # The candidates are what the tower reads (their gradient joins the tower's below), or
         # the table, which takes none (loss.catalog_table).
         embeddings = SequenceEmbeddings(states[known], candidate_columns(next_ids[known], candidate_ids, first),
-                                        tower_inputs if candidates is read else candidates, first,
+                                        candidates if self.catalog_table else tower_inputs, first,
                                         self.seen(columns, mask, known))
         loss = self.loss(embeddings, batch)
         if self.nonfinite_anywhere(loss):
