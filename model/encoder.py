@@ -111,13 +111,16 @@ class RecEncoder(nn.Module):
 
     def embed(self, states: torch.Tensor, user: bool = False, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Projected (the user's head for users that have one), plus the items' id vectors
-        (model.id_embeddings; items only), made unit."""
+        (model.id_embeddings; items only; none for an index below 0), made unit."""
         head = self.user_projection if user and self.user_projection is not None else self.projection
         if head is not None:
             states = head(states.to(head.weight.dtype))
         if self.id_embeddings is not None and not user:
             assert item_ids is not None, "model.id_embeddings: items need their catalog indices"
-            states = states.float() + self.id_embeddings(item_ids).float()
+            # A negative index is an item whose id vector this step leaves out (model.id_dropout):
+            # its text alone, as an item that was never in training.
+            kept = (item_ids >= 0).unsqueeze(-1)
+            states = states.float() + self.id_embeddings(item_ids.clamp(min=0)).float() * kept
         return self.unit(states)
 
     def unit(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,14 @@ ITEMS = ("model.user_encoder=items", "model.user_tower_dropout=0",
 # and the repeat score on the items each position's user already has. A tenth of the others' SGD
 # rate: the repeat score is 10x its weight (RepeatScore.SPEED), which SGD's step squares, and at
 # 0.5 the third step diverges, where float rounding is amplified past any tolerance.
-CACHED = (*ITEMS, "model.id_embeddings=true", "model.repeat_score=true", "train.lr=0.05", "loss.negatives=catalog",
-          "data.cold_items=0.2", "model.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-          "num_attention_heads: 2, num_key_value_heads: 2}", "model.trained_layers=1")
+LAYER_CACHE = (*ITEMS, "model.id_embeddings=true", "model.repeat_score=true", "train.lr=0.05", "loss.negatives=catalog",
+               "data.cold_items=0.2", "model.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 2, num_key_value_heads: 2}", "model.trained_layers=1")
+# ... and each step leaving out a third of the id vectors (model.id_dropout): every rank must draw the same.
+CACHED = (*LAYER_CACHE, "model.id_dropout=0.3")
 # ... with the catalog read from the table (loss.catalog_table), re-encoded at steps 0 and 2: step 1
 # reads it stale, and every rank must hold the same table.
-TABLE = (*CACHED, "loss.catalog_table=true", "loss.catalog_refresh_every=2")
+TABLE = (*LAYER_CACHE, "loss.catalog_table=true", "loss.catalog_refresh_every=2")
 
 
 def train_on_fixed_batches(rank: int, world_size: int, tmp: str, runs: list[tuple[str, int]],

@@ -196,6 +196,57 @@ def test_id_embeddings_start_at_the_text_and_train_only_the_items_seen(tmp_path:
         without.close()
 
 
+def test_id_dropout_leaves_out_the_same_items_everywhere_in_a_step(tmp_path: Path) -> None:
+    """model.id_dropout: a step leaves out the id vectors of a seeded share of the catalog, drawn
+    anew each step: those items get no id gradient, and the step's loss is exactly the loss of the
+    same model with their id rows at zero (histories and candidates alike: a cold item's view)."""
+    from train.data.stream import read_shard
+    from train.distributed import from_environment
+    from train.loop.recipe import Trainer
+
+    overrides = [*tiny_items(tmp_path, layers=2), "model.trained_layers=0", "model.id_embeddings=true",
+                 "model.user_tower_dropout=0", "loss.negatives=catalog", "train.lr=0.1",
+                 "model.user_tower={model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+                 "num_attention_heads: 2, num_key_value_heads: 2, attention_dropout: 0.0}"]
+    dropping = Trainer(load_config(None, [*overrides, "model.id_dropout=0.5"]), from_environment("cpu"))
+    plain = Trainer(load_config(None, [*overrides, f"output_dir={tmp_path}/run-plain"]), from_environment("cpu"))
+    try:
+        dropping.setup()
+        plain.setup()
+        stepper = dropping.stepper
+        first, second = stepper.drop_ids(0), stepper.drop_ids(1)
+        assert first is not None and torch.equal(first, stepper.drop_ids(0)) and not torch.equal(first, second)
+        assert 5 < int(first.sum()) < 25  # about half of the 30 items
+        shard = Path(dropping.config.data.dir) / dropping.inputs.manifest["shards"][0]["name"]
+        samples = list(read_shard(str(shard)))
+        batch = dropping.collator(samples[:6])
+        dropping.train_step(batch)
+        table = dropping.encoder.id_embeddings
+        assert table is not None
+        # Every item is a candidate (loss.negatives=catalog): all but those left out moved.
+        moved = set(table.weight.detach().abs().sum(dim=1).nonzero().flatten().tolist())
+        assert moved == set(range(30)) - set(first.nonzero().flatten().tolist())
+        # Step 1, with its own draw, against the plain model (every id vector) at the same weights
+        # with that draw's rows zeroed.
+        plain.model.load_state_dict(dropping.model.state_dict())
+        plain_table = plain.encoder.id_embeddings
+        assert plain_table is not None
+        batch = dropping.collator(samples[6:12])
+
+        def plain_loss() -> float:
+            with torch.no_grad():
+                return float(plain.stepper.loss(plain.stepper.embed(batch), batch))
+
+        every_id = plain_loss()
+        with torch.no_grad():
+            plain_table.weight[second] = 0
+        assert float(dropping.train_step(batch).loss) == pytest.approx(plain_loss(), abs=1e-6)
+        assert every_id != pytest.approx(plain_loss(), abs=1e-4)  # the rows left out mattered
+    finally:
+        dropping.close()
+        plain.close()
+
+
 def test_catalog_candidates_leave_out_the_cold_items(trainer) -> None:  # type: ignore[no-untyped-def]
     """data.cold_items are held out of training entirely: with loss.negatives=catalog every
     other item is a candidate, none of the held-out ones, and each column still names its item."""

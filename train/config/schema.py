@@ -106,6 +106,11 @@ class ModelConfig:
     id_embeddings: bool = doc(False, "user_encoder=items: add a trained vector per catalog item (an ID table, "
                                      "SASRec's collaborative signal) to its text embedding; it starts at zero, so an "
                                      "item never seen in training is its text alone")
+    id_dropout: float = doc(0.0, "with model.id_embeddings: the share of the catalog whose id vectors a training "
+                                 "step leaves out, drawn anew each step (the same items on every rank, in the histories "
+                                 "and among the candidates alike), so the model also learns to rank items by their text "
+                                 "alone, as it must rank those never seen in training (new products, data.cold_items); "
+                                 "evaluation uses every id vector")
     repeat_score: bool = doc(False, "user_encoder=items: one learned number added to the score of each item the user "
                                     "already has among their last data.max_history (negative where people do not take "
                                     "an item twice, as films; positive where they do, as groceries); evaluation's "
@@ -141,6 +146,8 @@ class ModelConfig:
         check(0.0 <= self.user_tower_dropout < 1.0, "model.user_tower_dropout", "must be in [0, 1)")
         check(not self.id_embeddings or self.user_encoder == "items", "model.id_embeddings",
               "needs model.user_encoder=items (with text users, model.item_tokens gives items an id of their own)")
+        check(0.0 <= self.id_dropout < 1.0, "model.id_dropout", "must be in [0, 1)")
+        check(self.id_dropout == 0 or self.id_embeddings, "model.id_dropout", "needs model.id_embeddings")
         check(not self.repeat_score or self.user_encoder == "items", "model.repeat_score",
               "needs model.user_encoder=items (it scores the items the user tower reads)")
         check(self.trained_layers >= -1, "model.trained_layers", "must be -1 (all) or >= 0")
@@ -375,6 +382,8 @@ class Config:
                   "with model.user_encoder=items: batch (the global batch's distinct items) or catalog (every "
                   "item)")
             check(not lc.catalog_table or lc.negatives == "catalog", "loss.catalog_table", "needs loss.negatives=catalog")
+            check(not lc.catalog_table or self.model.id_dropout == 0, "model.id_dropout",
+                  "not with loss.catalog_table (the table's rows keep every id vector between refreshes)")
             for key in ("kind", "history_positions", "history_negatives", "user_cl_weight", "logq",
                         "uniformity"):
                 check(getattr(lc, key) == getattr(defaults, key), f"loss.{key}",

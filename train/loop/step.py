@@ -94,6 +94,8 @@ class TrainStep:
         # Every item's embedding (no grad) for catalog negatives and history positions, or the
         # table of loss.catalog_table.
         self.catalog_embeddings: torch.Tensor | None = None
+        # model.id_dropout: the items whose id vectors this step leaves out (`drop_ids`).
+        self.dropped_ids: torch.Tensor | None = None
         self.skipped = False  # this step's update is left out (a non-finite loss or gradient)
         # Whether this rank was asked to stop (the loop's StopGuard): decided with the step's
         # finite check, in the same all-reduce.
@@ -110,6 +112,7 @@ class TrainStep:
         padded = sum(mask.numel() for mask in masks) * self.world_size
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.refresh_catalog(step)
+        self.dropped_ids = self.drop_ids(step)
         self.skipped = False
         loss = self.forward_backward(batch)
         if self.skipped:
@@ -188,19 +191,31 @@ class TrainStep:
         share of the catalog with loss.negatives=catalog."""
         return batch["batch_item_ids"] if self.catalog_share is None else self.catalog_share
 
+    def drop_ids(self, step: int) -> torch.Tensor | None:
+        """model.id_dropout: a mask of the catalog items whose id vectors step `step` leaves out,
+        drawn from the run's seed and the step alone, so that every rank (and a resumed run)
+        leaves out the same items and the loss stays the one-process loss."""
+        share = self.config.model.id_dropout
+        if share == 0:
+            return None
+        draw = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return (torch.rand(len(self.collator.catalog), generator=draw) < share).to(self.device)
+
     def encode_items(self, batch: Batch, ids: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """`ids[rows]` (local_item_ids) through the encoder's trained part: from their cached
         lower-layer states (model.trained_layers), the batch's item tokens, or the catalog's."""
         chosen = ids[rows]
+        # The encoder reads a negative index as "no id vector" (model.id_dropout).
+        id_rows = chosen if self.dropped_ids is None else torch.where(self.dropped_ids[chosen], -1, chosen)
         if self.state_cache is not None:  # only the trained top layers run
             states, mask = self.state_cache.batch(chosen.cpu(), self.collator.padding_side, self.device)
-            return self.engine.forward(None, mask, lower_states=states, item_ids=chosen)
+            return self.engine.forward(None, mask, lower_states=states, item_ids=id_rows)
         if self.catalog_share is None:
             tokens, mask = batch["item_input_ids"][rows], batch["item_attention_mask"][rows]
         else:
             catalog = self.catalog_tokens()
             tokens, mask = (t.to(self.device) for t in self.collator.pad([catalog[i] for i in chosen.tolist()]))
-        return self.engine.forward(tokens, mask, item_ids=chosen)
+        return self.engine.forward(tokens, mask, item_ids=id_rows)
 
     def loss(self, embeddings: TextEmbeddings | SequenceEmbeddings, batch: Batch) -> torch.Tensor:
         """This rank's share of the global batch's loss (model/loss.py's contract)."""
